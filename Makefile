@@ -1,0 +1,51 @@
+# labd developer commands. `make help` lists them; `make demo` and `make test` are the two that matter.
+# The venv is rebuilt only when pyproject.toml changes (the stamp file), so a second run is fast.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+# Only lint the trees that exist: git does not keep empty folders, and ruff fails on a missing path.
+LINT_PATHS := $(wildcard src tests bench)
+
+.PHONY: help demo test bench lint fmt clean install
+
+help:
+	@echo "make demo  - run the simulated lab in-process | make test - lint, type-check, import contracts, pytest"
+	@echo "make bench - run the benchmarks (bench/run.py)"
+	@echo "make lint  - ruff, mypy and import contracts only"
+	@echo "make fmt   - format and auto-fix with ruff"
+	@echo "make clean - remove the venv and every cache"
+	@echo "Variables: PY=$(PY) (interpreter for the venv), PYTEST_ARGS='...' (passed to pytest)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/labd demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: $(STAMP) lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+fmt: $(STAMP)
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache \
+		.hypothesis .import_linter_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

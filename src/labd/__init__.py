@@ -1,0 +1,96 @@
+"""labd: instrument control and experiment automation, safely shared.
+
+Write plain classes for instruments and experiments; labd serialises device access, runs
+tasks in the background, lets tasks own the devices they use (everyone can still read
+them), fans streams out to many subscribers and keeps error records. A drop-in superset of
+LabDaemon 1.0: ``import labd as ld``.
+
+Example::
+
+    import labd as ld
+    daemon = ld.LabDaemon()
+    ld.sim.demo_lab(daemon)
+    handle = daemon.execute_task(None, "WavelengthSweep", laser_id="laser1", detector_id="pm1",
+                                 start_wl=1545.0, stop_wl=1555.0, steps=50)
+    print(handle.wait()["results"][:3])
+    daemon.shutdown()
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from labd.daemon import LabDaemon
+from labd.devices import DeviceState, command, query
+from labd.errors import (
+    DaemonClosedError,
+    DeviceBusyError,
+    DeviceConfigurationError,
+    DeviceConnectionError,
+    DeviceError,
+    DeviceNotConnectedError,
+    DeviceOperationError,
+    DeviceTimeoutError,
+    ErrorRecord,
+    InvalidArgumentError,
+    LabDaemonException,
+    LeaseError,
+    TaskCancelledError,
+    TaskError,
+    TaskFailedError,
+    UnknownDeviceError,
+    UnknownDeviceTypeError,
+    UnknownNameError,
+    UnknownTaskError,
+    UnknownTaskTypeError,
+)
+from labd.io import capture_metadata, load_hdf5, load_json, save_hdf5, save_json
+from labd.ownership import Lease
+from labd.shutdown import ShutdownReport
+from labd.streaming import StreamItem, Subscription
+from labd.tasks import TaskContext, TaskHandle, TaskState
+
+try:
+    __version__ = version("labd")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "DaemonClosedError",
+    "DeviceBusyError",
+    "DeviceConfigurationError",
+    "DeviceConnectionError",
+    "DeviceError",
+    "DeviceNotConnectedError",
+    "DeviceOperationError",
+    "DeviceState",
+    "DeviceTimeoutError",
+    "ErrorRecord",
+    "InvalidArgumentError",
+    "LabDaemon",
+    "LabDaemonException",
+    "Lease",
+    "LeaseError",
+    "ShutdownReport",
+    "StreamItem",
+    "Subscription",
+    "TaskCancelledError",
+    "TaskContext",
+    "TaskError",
+    "TaskFailedError",
+    "TaskHandle",
+    "TaskState",
+    "UnknownDeviceError",
+    "UnknownDeviceTypeError",
+    "UnknownNameError",
+    "UnknownTaskError",
+    "UnknownTaskTypeError",
+    "__version__",
+    "capture_metadata",
+    "command",
+    "load_hdf5",
+    "load_json",
+    "query",
+    "save_hdf5",
+    "save_json",
+]

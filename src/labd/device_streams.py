@@ -1,0 +1,187 @@
+"""Device streams: start a device's stream once, fan it out, stop it when asked or unused.
+
+The daemon passes :meth:`StreamHub.publish` to the device's ``start_streaming`` as the
+callback, so the device's thread only stamps and enqueues. ``stop_streaming`` is called on
+the *original* (unlocked) method: a driver whose acquisition thread takes ``_ld_lock`` must be
+stoppable while that thread holds it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from labd.devices import DeviceSlot
+from labd.errors import DeviceError, DeviceOperationError, ErrorRecord, InvalidArgumentError
+from labd.ownership import FRAMEWORK, acting_as, current_actor
+from labd.streaming import StreamHub, Subscription
+
+if TYPE_CHECKING:
+    from labd.daemon import LabDaemon
+
+__all__ = ["DeviceStreams"]
+
+
+class _StreamState:
+    """Per-device stream bookkeeping, guarded by its own lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.hub: StreamHub | None = None
+        self.pinned = False  # started with start_streaming(): runs until stop_streaming()
+
+
+class DeviceStreams:
+    """The daemon's device-stream table."""
+
+    def __init__(self, daemon: LabDaemon) -> None:
+        self._daemon = daemon
+        self._states: dict[str, _StreamState] = {}
+
+    def add(self, slot: DeviceSlot) -> None:
+        """Start bookkeeping for a new device."""
+        self._states[slot.device_id] = _StreamState()
+
+    def _state(self, slot: DeviceSlot) -> _StreamState:
+        return self._states.setdefault(slot.device_id, _StreamState())
+
+    def hub(self, slot: DeviceSlot) -> StreamHub | None:
+        """The live hub of the device's stream, or None."""
+        return self._state(slot).hub
+
+    def is_streaming(self, slot: DeviceSlot) -> bool:
+        """True if the daemon runs the device's stream (or the device says it streams)."""
+        if self._state(slot).hub is not None:
+            return True
+        probe = slot.originals.get("is_streaming")
+        if probe is None:
+            return False
+        try:
+            return bool(probe())
+        except Exception:
+            return False
+
+    def stats(self, slot: DeviceSlot) -> dict[str, Any] | None:
+        """Hub statistics (sequence, subscribers, drops) or None when not streaming."""
+        hub = self._state(slot).hub
+        return hub.stats() if hub is not None else None
+
+    def raise_if_not_permitted(self, slot: DeviceSlot) -> None:
+        """Ownership check for stream control as a command."""
+        slot.check_command("stop_streaming")
+
+    def subscribe(
+        self,
+        slot: DeviceSlot,
+        callback: Callable[[Any], object] | None,
+        maxsize: int,
+        on_ready: Callable[[], None] | None,
+        stream_params: dict[str, Any],
+        *,
+        pinned: bool,
+    ) -> Subscription:
+        """Add a subscriber, starting the device's stream first if it is not running."""
+        start = slot.originals.get("start_streaming")
+        if start is None or "stop_streaming" not in slot.originals:
+            raise DeviceOperationError(
+                f"Device {slot.device_id!r} ({slot.device_type}) does not stream: its class has no "
+                "start_streaming(callback, **kw) / stop_streaming(timeout=None) methods."
+            )
+        if callback is not None and not callable(callback):
+            raise InvalidArgumentError(f"callback must be callable, got {type(callback).__name__}")
+        state = self._state(slot)
+        with state.lock:
+            hub = state.hub
+            if hub is not None and not hub.closed:
+                if pinned:
+                    state.pinned = True
+                return hub.subscribe(callback, maxsize=maxsize, on_ready=on_ready)
+            hub = StreamHub(
+                f"device-{slot.device_id}", history=256,
+                on_empty=lambda h: self._last_left(slot, h),
+                on_callback_error=lambda sub, exc: self._callback_failed(slot, sub, exc),
+            )
+            sub = hub.subscribe(callback, maxsize=maxsize, on_ready=on_ready)
+            wrapped = getattr(slot.instance, "start_streaming")
+            actor = current_actor() if pinned else FRAMEWORK
+            try:
+                with acting_as(actor):
+                    wrapped(callback=hub.publish, **stream_params)
+            except BaseException:
+                hub.close(timeout=0.5)
+                raise
+            state.hub = hub
+            state.pinned = pinned
+        self._daemon._publish_event({"event": "stream_started", "device_id": slot.device_id})
+        return sub
+
+    def stop(self, slot: DeviceSlot, timeout: float | None) -> list[str]:
+        """Stop the device's stream and end every subscription; returns stuck subscriber names."""
+        state = self._state(slot)
+        with state.lock:
+            hub = state.hub
+            if hub is None:
+                return []
+            state.hub = None
+            state.pinned = False
+        self._stop_device(slot, timeout)
+        stuck = hub.close(timeout=timeout)
+        self._daemon._publish_event({"event": "stream_stopped", "device_id": slot.device_id})
+        return [sub.name for sub in stuck]
+
+    def _stop_device(self, slot: DeviceSlot, timeout: float | None) -> None:
+        stop = slot.originals["stop_streaming"]
+        try:
+            if "timeout" in inspect.signature(stop).parameters:
+                stop(timeout=timeout)
+            else:
+                stop()
+        except Exception as exc:
+            slot.record_error(exc, "stop_streaming")
+            if isinstance(exc, DeviceError):
+                raise
+            raise DeviceOperationError(
+                f"Device {slot.device_id!r}: stop_streaming() failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _last_left(self, slot: DeviceSlot, hub: StreamHub) -> None:
+        # Runs on whatever thread closed the last subscription (maybe the server's event loop),
+        # so the device is stopped on a worker thread.
+        state = self._state(slot)
+        if state.pinned or state.hub is not hub:
+            return
+
+        def stop_if_still_unused() -> None:
+            with state.lock:
+                if state.hub is not hub or state.pinned or hub.subscriptions:
+                    return
+            try:
+                self.stop(slot, timeout=1.0)
+            except Exception:
+                pass  # recorded as the device's error by stop()
+
+        try:
+            self._daemon._pool.submit(stop_if_still_unused)
+        except RuntimeError:  # pool closed: the daemon is shutting down and stops streams itself
+            pass
+
+    def _callback_failed(self, slot: DeviceSlot, sub: Subscription, exc: BaseException) -> None:
+        record = ErrorRecord.from_exception(
+            exc, "callback", {"device_id": slot.device_id, "subscription": sub.name}
+        )
+        self._daemon._publish_event({"event": "callback_error", "device_id": slot.device_id,
+                                     "error": record.to_dict(include_traceback=False)})
+        for listener in list(self._daemon._error_listeners):
+            listener(record)
+
+    def active(self) -> list[DeviceSlot]:
+        """Slots whose stream the daemon runs."""
+        slots = []
+        for device_id, state in list(self._states.items()):
+            if state.hub is not None:
+                slot = self._daemon._slots.get(device_id)
+                if slot is not None:
+                    slots.append(slot)
+        return slots

@@ -1,0 +1,317 @@
+"""Device slots and the locking wrapper around every public device method.
+
+``add_device`` keeps the user's instance (so ``isinstance`` holds and attributes read as
+usual) and replaces each public bound method on the *instance* with a generated wrapper that
+has the method's own signature. The wrapper:
+
+1. takes the device lock (one C-level ``acquire(False)`` when uncontended; the fair slow path
+   of :class:`labd.locks.DeviceLock` otherwise, bounded by ``call_timeout``);
+2. for commands on an owned device, checks that the caller may command it;
+3. calls the original function, records any exception as the device's last error, and
+   releases the lock.
+
+Generating the wrapper with the method's exact parameters (instead of ``*args, **kwargs``)
+halves the per-call overhead; see docs/decisions/0002-device-wrapper.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import keyword
+import time
+from collections.abc import Callable
+from types import MethodType
+from typing import Any, TypeVar
+
+from labd.errors import DeviceBusyError, DeviceTimeoutError, ErrorRecord, iso_from_timestamp
+from labd.locks import DeviceLock
+from labd.ownership import Owner, busy_message, current_actor
+
+__all__ = [
+    "COMMAND",
+    "QUERY",
+    "DeviceSlot",
+    "DeviceState",
+    "command",
+    "method_kind",
+    "public_methods",
+    "query",
+    "wrap_device",
+]
+
+QUERY = "query"
+COMMAND = "command"
+QUERY_PREFIXES = ("get_", "is_", "has_", "list_")
+#: Never locked: it must be able to stop a streaming thread that holds the device lock.
+UNLOCKED_METHODS = frozenset({"stop_streaming"})
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def query(func: F) -> F:
+    """Mark a device method as a query: always allowed, even while another owner holds the device.
+
+    Example::
+
+        class Laser:
+            @labd.query
+            def wavelength(self) -> float: ...
+    """
+    func.__labd_kind__ = QUERY  # type: ignore[attr-defined]
+    return func
+
+
+def command(func: F) -> F:
+    """Mark a device method as a command: refused to non-owners while the device is owned.
+
+    Example::
+
+        class Laser:
+            @labd.command
+            def get_and_reset_counter(self) -> int: ...
+    """
+    func.__labd_kind__ = COMMAND  # type: ignore[attr-defined]
+    return func
+
+
+def method_kind(cls: type, name: str) -> str:
+    """``"query"`` or ``"command"`` for method ``name`` of device class ``cls``.
+
+    Explicit marks win (``@labd.query``/``@labd.command``, then the class attribute
+    ``labd_queries``); otherwise names starting ``get_``, ``is_``, ``has_``, ``list_`` are queries.
+    """
+    func = inspect.getattr_static(cls, name, None)
+    func = getattr(func, "__func__", func)
+    mark = getattr(func, "__labd_kind__", None)
+    if mark in (QUERY, COMMAND):
+        return str(mark)
+    if name in set(getattr(cls, "labd_queries", ()) or ()):
+        return QUERY
+    if name in set(getattr(cls, "labd_commands", ()) or ()):
+        return COMMAND
+    return QUERY if name.startswith(QUERY_PREFIXES) else COMMAND
+
+
+def public_methods(instance: object) -> dict[str, MethodType]:
+    """Public bound methods of ``instance`` (properties are not evaluated)."""
+    cls = type(instance)
+    names = set(dir(cls)) | set(getattr(instance, "__dict__", {}))
+    found: dict[str, MethodType] = {}
+    for name in sorted(names):
+        if name.startswith("_"):
+            continue
+        static = inspect.getattr_static(instance, name, None)
+        if isinstance(static, property | staticmethod) or static is None:
+            continue
+        if not (inspect.isfunction(static) or isinstance(static, classmethod | MethodType)):
+            continue
+        bound = getattr(instance, name, None)
+        if isinstance(bound, MethodType):
+            found[name] = bound
+    return found
+
+
+class DeviceState(enum.Enum):
+    """Lifecycle of a device slot."""
+
+    ADDED = "added"  # constructed, connect() not called yet
+    CONNECTING = "connecting"  # connect() running
+    CONNECTED = "connected"  # connect() succeeded (or the class has no connect())
+    DISCONNECTED = "disconnected"  # disconnect() finished
+    FAULTED = "faulted"  # connect/disconnect failed or timed out; see last_error
+
+
+class DeviceSlot:
+    """Everything the daemon knows about one device instance.
+
+    The attributes read on every call (``owner``, ``strict``, ``lock``) are plain fields so
+    the generated wrappers stay cheap; ownership fields are written by the claim registry.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        device_type: str,
+        instance: object,
+        params: dict[str, Any],
+        *,
+        strict: bool,
+        call_timeout: float | None,
+        on_error: Callable[[DeviceSlot, ErrorRecord], None],
+    ) -> None:
+        self.device_id = device_id
+        self.device_type = device_type
+        self.instance = instance
+        self.params = params
+        self.strict = strict
+        self.call_timeout = call_timeout
+        self.lock = DeviceLock(device_id)
+        self.state = DeviceState.ADDED
+        self.owner: Owner | None = None
+        self.owner_since: float | None = None
+        self.last_error: ErrorRecord | None = None
+        self.unresponsive = False
+        self.added_at = time.time()
+        self.kinds: dict[str, str] = {}
+        self.originals: dict[str, MethodType] = {}
+        self._on_error = on_error
+
+    def record_error(self, exc: BaseException, method: str | None, origin: str = "device") -> None:
+        """Keep ``exc`` as this device's last error and pass it to the daemon's listeners."""
+        context = {"device_id": self.device_id}
+        if method is not None:
+            context["method"] = method
+        record = ErrorRecord.from_exception(exc, origin, context)  # type: ignore[arg-type]
+        self.last_error = record
+        self._on_error(self, record)
+
+    def check_command(self, method: str) -> None:
+        """Raise :class:`DeviceBusyError` unless the caller may command this (owned) device."""
+        owner = self.owner
+        if owner is None:
+            return
+        actor = current_actor()
+        if actor.bypass or owner.permits(actor):
+            return
+        if not actor.remote and not self.strict:
+            return
+        since = self.owner_since or time.time()
+        busy = [{
+            "device_id": self.device_id,
+            "owner": owner.label,
+            "owner_kind": owner.kind,
+            "owner_id": owner.owner_id,
+            "since": iso_from_timestamp(since),
+        }]
+        raise DeviceBusyError(
+            busy_message(busy, f"Queries are allowed, commands such as {method!r} are not. "
+                         "Wait for the owner to finish, cancel it, or claim the device first."),
+            busy,
+        )
+
+    def acquire_slow(self, method: str) -> None:
+        """The contended path of every wrapper: fair, and bounded by ``call_timeout``."""
+        if self.lock.acquire_slow(self.call_timeout):
+            return
+        stats = self.lock.statistics()
+        holder = stats.holder_thread or "another thread"
+        raise DeviceTimeoutError(
+            f"Device {self.device_id!r}: waited more than call_timeout={self.call_timeout:g} s "
+            f"for its lock to call {method!r}; {holder} holds it"
+            + (f" and {stats.waiting} other caller(s) wait" if stats.waiting else "")
+            + ". The instrument may be hung; check it, or raise call_timeout."
+        )
+
+    def fail(self, exc: BaseException, method: str) -> None:
+        """Called by wrappers when the method raised; busy refusals are not device errors."""
+        if not isinstance(exc, DeviceBusyError | DeviceTimeoutError):
+            self.record_error(exc, method)
+
+
+# A generated wrapper. Names starting with __ld_ are closure constants; the parameter list and
+# the call arguments are filled in from the method's signature.
+_TEMPLATE = """
+def __ld_make(__ld_slot, __ld_func, __ld_inst, __ld_defaults):
+    __ld_lock = __ld_slot.lock
+    __ld_acquire = __ld_lock.rlock.acquire
+    __ld_release = __ld_lock.rlock.release
+    __ld_slow = __ld_slot.acquire_slow
+    __ld_fail = __ld_slot.fail
+    __ld_check = __ld_slot.check_command
+    def {name}({params}):
+        if __ld_lock.fifo or not __ld_acquire(False):
+            __ld_slow({name!r})
+        try:
+            {check}
+            return __ld_func(__ld_inst{call})
+        except BaseException as __ld_exc:
+            __ld_fail(__ld_exc, {name!r})
+            raise
+        finally:
+            __ld_release()
+    return {name}
+"""
+
+_CHECK = "if __ld_slot.owner is not None: __ld_check({name!r})"
+
+
+def _signature_parts(func: Callable[..., Any]) -> tuple[str, str, list[Any]] | None:
+    """(parameter list, call arguments, defaults) for ``func`` without its first parameter."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())[1:]
+    defaults: list[Any] = []
+    decl: list[str] = []
+    call: list[str] = []
+    seen_kwonly = False
+    last_posonly = -1
+    for index, p in enumerate(params):
+        if p.kind is p.POSITIONAL_ONLY:
+            last_posonly = index
+    for index, p in enumerate(params):
+        if not p.name.isidentifier() or keyword.iskeyword(p.name) or p.name.startswith("__ld_"):
+            return None
+        text = p.name
+        if p.default is not p.empty:
+            text += f"=__ld_defaults[{len(defaults)}]"
+            defaults.append(p.default)
+        if p.kind is p.VAR_POSITIONAL:
+            decl.append("*" + p.name)
+            call.append("*" + p.name)
+            seen_kwonly = True
+        elif p.kind is p.VAR_KEYWORD:
+            decl.append("**" + p.name)
+            call.append("**" + p.name)
+        elif p.kind is p.KEYWORD_ONLY:
+            if not seen_kwonly:
+                decl.append("*")
+                seen_kwonly = True
+            decl.append(text)
+            call.append(f"{p.name}={p.name}")
+        else:
+            decl.append(text)
+            call.append(p.name)
+        if index == last_posonly:
+            decl.append("/")
+    return ", ".join(decl), "".join(", " + c for c in call), defaults
+
+
+def _make_wrapper(slot: DeviceSlot, name: str, bound: MethodType, kind: str) -> Callable[..., Any]:
+    func = bound.__func__
+    parts = _signature_parts(func)
+    params, call, defaults = parts if parts is not None else ("*args, **kwargs", ", *args, **kwargs", [])
+    source = _TEMPLATE.format(
+        name=name,
+        params=params,
+        call=call,
+        check=_CHECK.format(name=name) if kind == COMMAND else "pass",
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<labd wrapper {slot.device_type}.{name}>", "exec"), namespace)
+    wrapper: Callable[..., Any] = namespace["__ld_make"](slot, func, bound.__self__, defaults)
+    wrapper.__doc__ = func.__doc__
+    wrapper.__qualname__ = getattr(func, "__qualname__", name)
+    wrapper.__module__ = getattr(func, "__module__", __name__)
+    wrapper.__wrapped__ = bound  # type: ignore[attr-defined]
+    wrapper.__labd_kind__ = kind  # type: ignore[attr-defined]
+    return wrapper
+
+
+def wrap_device(slot: DeviceSlot) -> None:
+    """Install locking wrappers for every public method of ``slot.instance`` and ``_ld_lock``."""
+    instance = slot.instance
+    cls = type(instance)
+    for name, bound in public_methods(instance).items():
+        kind = method_kind(cls, name)
+        slot.kinds[name] = kind
+        slot.originals[name] = bound
+        if name in UNLOCKED_METHODS:
+            continue
+        setattr(instance, name, _make_wrapper(slot, name, bound, kind))
+    try:
+        instance._ld_lock = slot.lock.rlock  # type: ignore[attr-defined]
+    except AttributeError:  # __slots__ without _ld_lock: the daemon still serialises calls
+        pass

@@ -1,0 +1,417 @@
+"""Task runs: their states, the context a task's ``run`` receives, and the user's handle.
+
+A :class:`TaskRun` is one execution of a task class. It is an ownership :class:`Owner`
+(it holds the devices in the task's ``device_ids``), it publishes progress, emitted data and
+state changes on its own stream, and it is driven through a :class:`TaskHandle`.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from labd.errors import (
+    ErrorRecord,
+    TaskCancelledError,
+    TaskError,
+    TaskFailedError,
+    iso_from_timestamp,
+)
+from labd.ownership import Actor, Owner, PendingClaim, acting_as
+from labd.streaming import StreamHub
+
+if TYPE_CHECKING:
+    from labd.daemon import LabDaemon
+
+__all__ = ["TaskContext", "TaskHandle", "TaskRun", "TaskState"]
+
+
+class TaskState(enum.Enum):
+    """Lifecycle of a task run."""
+
+    PENDING = "pending"  # waiting in the FIFO for its devices
+    RUNNING = "running"  # run() is executing
+    PAUSED = "paused"  # run() is executing and pause was requested (the gate is closed)
+    COMPLETED = "completed"  # run() returned normally
+    FAILED = "failed"  # run() raised, or returned {"status": "failed"}
+    CANCELLED = "cancelled"  # cancelled before or during run()
+    INTERRUPTED = "interrupted"  # the process died while it ran (set by the run store)
+
+    @property
+    def finished(self) -> bool:
+        """True for the final states."""
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED,
+                       TaskState.INTERRUPTED})
+
+
+class TaskContext:
+    """What a task's ``run(context)`` receives.
+
+    ``daemon``, ``cancel_event``, ``resume_event`` (a gate: set = run, cleared = paused) and
+    ``task_id`` are LabDaemon-compatible; :meth:`progress`, :meth:`emit`, :meth:`checkpoint`
+    and :meth:`sleep` are labd additions.
+    """
+
+    def __init__(self, daemon: LabDaemon, run: TaskRun) -> None:
+        self.daemon = daemon
+        self.task_id = run.task_id
+        self.cancel_event = run.cancel_event
+        self.resume_event = run.resume_event
+        self._run = run
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Publish progress (``done`` of ``total`` steps) to the task's stream and handle.
+
+        Example: ``context.progress(i + 1, steps, f"{wl:.2f} nm")``.
+        """
+        self._run.set_progress(done, total, message)
+
+    def emit(self, data: Any) -> None:
+        """Publish intermediate data (a dict, an array) to the task's stream."""
+        self._run.publish("data", {"data": data})
+
+    def checkpoint(self) -> None:
+        """Raise :class:`TaskCancelledError` if cancelled; block here while paused."""
+        run = self._run
+        while True:
+            if run.cancel_event.is_set():
+                raise TaskCancelledError(f"Task {run.task_id!r} was cancelled.")
+            if run.resume_event.wait(0.1):
+                if run.cancel_event.is_set():
+                    raise TaskCancelledError(f"Task {run.task_id!r} was cancelled.")
+                return
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, but raise :class:`TaskCancelledError` as soon as cancel is requested."""
+        if self._run.cancel_event.wait(max(float(seconds), 0.0)):
+            raise TaskCancelledError(f"Task {self._run.task_id!r} was cancelled.")
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancel was requested."""
+        return self._run.cancel_event.is_set()
+
+
+class TaskRun(Owner):
+    """One execution of a task class; also the owner of the devices it claimed."""
+
+    kind = "task"
+
+    def __init__(
+        self,
+        daemon: LabDaemon,
+        task_id: str,
+        task_type: str,
+        instance: Any,
+        params: dict[str, Any],
+        device_ids: tuple[str, ...],
+        parent: Owner | None,
+        principal: str | None,
+        on_state: Callable[[TaskRun], None],
+    ) -> None:
+        self.owner_id = task_id
+        self.task_id = task_id
+        self.task_type = task_type
+        self.instance = instance
+        self.params = params
+        self.device_ids = device_ids
+        self.parent = parent
+        self.principal = principal
+        self.state = TaskState.PENDING
+        self.cancel_event = threading.Event()
+        self.resume_event = threading.Event()
+        self.resume_event.set()
+        self.done_event = threading.Event()
+        self.result: Any = None
+        self.exception: BaseException | None = None
+        self.error: ErrorRecord | None = None
+        self.progress: dict[str, Any] | None = None
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.pending_claim: PendingClaim | None = None
+        self.context = TaskContext(daemon, self)
+        self._daemon = daemon
+        self._on_state = on_state
+        self._hub: StreamHub | None = None
+        self._hub_lock = threading.Lock()
+        self._finish_lock = threading.Lock()
+
+    # -- stream ----------------------------------------------------------------------------
+    @property
+    def stream(self) -> StreamHub:
+        """The run's stream: progress, emitted data and state changes."""
+        hub = self._hub
+        if hub is None:
+            with self._hub_lock:
+                if self._hub is None:
+                    self._hub = StreamHub(f"task-{self.task_id}", history=256)
+                hub = self._hub
+        return hub
+
+    def publish(self, kind: str, body: dict[str, Any]) -> None:
+        """Put one event on the run's stream (only if anyone ever looked at it)."""
+        hub = self._hub
+        if hub is not None:
+            hub.publish({"event": kind, "task_id": self.task_id, **body})
+
+    def set_progress(self, done: float, total: float | None, message: str | None) -> None:
+        """Record and publish progress."""
+        fraction = None
+        if total:
+            fraction = max(0.0, min(1.0, float(done) / float(total)))
+        self.progress = {"done": done, "total": total, "fraction": fraction, "message": message}
+        self.publish("progress", self.progress)
+
+    def _set_state(self, state: TaskState) -> None:
+        self.state = state
+        self.publish("state", {"status": state.value})
+        self._on_state(self)
+
+    def transition(self, expected: TaskState, new: TaskState) -> None:
+        """Move from ``expected`` to ``new`` unless the run is elsewhere (e.g. already ended)."""
+        with self._finish_lock:
+            if self.state is expected:
+                self._set_state(new)
+
+    # -- execution (worker thread) ---------------------------------------------------------
+    def execute(self) -> None:
+        """Run the task on the current (worker) thread and finish the run. Never raises."""
+        thread = threading.current_thread()
+        thread.name = f"labd-task-{self.task_id}"
+        if self.cancel_event.is_set():
+            self._finish(TaskState.CANCELLED, None, None)
+            return
+        self.started_at = time.time()
+        self.transition(
+            TaskState.PENDING,
+            TaskState.PAUSED if not self.resume_event.is_set() else TaskState.RUNNING,
+        )
+        try:
+            # Let any command that a non-owner started before our claim finish first, so no
+            # foreign command ever runs alongside this run's use of its devices.
+            self._daemon._drain_devices(self.device_ids)
+            with acting_as(Actor(run=self, principal=self.principal)):
+                result = self.instance.run(self.context)
+        except TaskCancelledError as exc:
+            self._finish(TaskState.CANCELLED, getattr(exc, "result", None), exc)
+        except BaseException as exc:
+            self._finish(TaskState.FAILED, None, exc)
+        else:
+            self._finish(self._state_from_result(result), result, None)
+
+    def _state_from_result(self, result: Any) -> TaskState:
+        status = result.get("status") if isinstance(result, dict) else None
+        if status == "failed":
+            return TaskState.FAILED
+        if status == "cancelled":
+            return TaskState.CANCELLED
+        if self.cancel_event.is_set() and status is None:
+            # Cancel was requested and run() returned without saying how it ended: it stopped.
+            return TaskState.CANCELLED
+        return TaskState.COMPLETED
+
+    def _finish(self, state: TaskState, result: Any, exc: BaseException | None) -> None:
+        with self._finish_lock:
+            if self.state.finished:
+                return
+            self.result = result
+            self.exception = exc
+            if exc is not None and state is TaskState.FAILED:
+                self.error = ErrorRecord.from_exception(
+                    exc, "task", {"task_id": self.task_id, "task_type": self.task_type}
+                )
+            elif state is TaskState.FAILED:
+                message = result.get("error") or result.get("message") if isinstance(result, dict) else None
+                self.error = ErrorRecord(
+                    type="TaskFailedError",
+                    message=str(message or f"Task {self.task_id!r} returned status 'failed'."),
+                    origin="task",
+                    context={"task_id": self.task_id, "task_type": self.task_type},
+                )
+            # Devices are free before anyone waiting on the handle hears that the run ended.
+            self._daemon._release_run(self)
+            self.finished_at = time.time()
+            self._set_state(state)
+            self.done_event.set()
+        hub = self._hub
+        if hub is not None:
+            hub.publish({"event": "finished", "task_id": self.task_id, "status": state.value})
+        self._daemon._run_finished(self)
+
+    def cancel_pending(self) -> bool:
+        """Cancel a run still waiting for devices; True if it was pending."""
+        claim = self.pending_claim
+        if claim is None or not self._daemon._claims.cancel_pending(claim):
+            return False
+        self._finish(TaskState.CANCELLED, None, None)
+        return True
+
+    def fail_pending(self, exc: BaseException) -> None:
+        """A waiting claim gave up (timeout): the run fails without starting."""
+        self._finish(TaskState.FAILED, None, exc)
+
+    # -- description -----------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """JSON-ready summary (the shape of ``GET /tasks/{id}``)."""
+        return {
+            "task_id": self.task_id,
+            "task_type": self.task_type,
+            "status": self.state.value,
+            "running": not self.state.finished and self.state is not TaskState.PENDING,
+            "paused": not self.resume_event.is_set() and not self.state.finished,
+            "progress": self.progress,
+            "params": self.params,
+            "device_ids": list(self.device_ids),
+            "parent_id": self.parent.owner_id if self.parent is not None else None,
+            "owner": self.principal,
+            "created_at": iso_from_timestamp(self.created_at),
+            "started_at": iso_from_timestamp(self.started_at) if self.started_at else None,
+            "finished_at": iso_from_timestamp(self.finished_at) if self.finished_at else None,
+            "exception": repr(self.exception) if self.exception is not None else None,
+            "error": self.error.to_dict(include_traceback=False) if self.error else None,
+        }
+
+
+class TaskHandle:
+    """Your handle on a task run: wait for it, cancel, pause, resume, tune parameters.
+
+    Example::
+
+        handle = daemon.execute_task("sweep1", "WavelengthSweep", laser_id="laser1", ...)
+        result = handle.wait(timeout=60)
+    """
+
+    def __init__(self, run: TaskRun) -> None:
+        self._run = run
+        self.task_id = run.task_id
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id!r} {self._run.state.value}>"
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the run ends and return its result.
+
+        Raises ``TimeoutError`` if it is still going after ``timeout`` seconds,
+        :class:`TaskCancelledError` (``.result`` holds what ``run`` returned) if it was cancelled,
+        :class:`TaskFailedError` (chained from the task's exception) if it failed.
+        """
+        run = self._run
+        if not run.done_event.wait(timeout):
+            raise TimeoutError(
+                f"Task {self.task_id!r} is still {run.state.value} after waiting {timeout} s."
+            )
+        state = run.state
+        if state is TaskState.COMPLETED:
+            return run.result
+        if state is TaskState.CANCELLED:
+            raise TaskCancelledError(
+                f"Task {self.task_id!r} was cancelled.", result=run.result
+            ) from run.exception
+        error = run.error.message if run.error else state.value
+        raise TaskFailedError(
+            f"Task {self.task_id!r} ({run.task_type}) failed: {error}", result=run.result
+        ) from run.exception
+
+    def cancel(self) -> None:
+        """Ask the run to stop (also opens the pause gate). No effect once it has ended."""
+        run = self._run
+        if run.state.finished:
+            return
+        run.cancel_event.set()
+        run.resume_event.set()
+        if run.state is TaskState.PENDING:
+            run.cancel_pending()
+
+    def pause(self) -> None:
+        """Close the gate: the run blocks at its next ``resume_event.wait()`` / ``checkpoint()``."""
+        run = self._run
+        if run.state.finished:
+            return
+        run.resume_event.clear()
+        run.transition(TaskState.RUNNING, TaskState.PAUSED)
+
+    def resume(self) -> None:
+        """Open the gate again."""
+        run = self._run
+        run.resume_event.set()
+        run.transition(TaskState.PAUSED, TaskState.RUNNING)
+
+    def is_running(self) -> bool:
+        """True until the run has ended (pending and paused runs count as running)."""
+        return not self._run.state.finished
+
+    def is_paused(self) -> bool:
+        """True while a pause is requested and the run has not ended."""
+        return not self._run.resume_event.is_set() and not self._run.state.finished
+
+    def exception(self) -> BaseException | None:
+        """The exception ``run`` raised, or None."""
+        return self._run.exception
+
+    @property
+    def result(self) -> Any:
+        """What ``run`` returned (None until it ends); never raises."""
+        return self._run.result
+
+    @property
+    def status(self) -> str:
+        """``pending``, ``running``, ``paused``, ``completed``, ``failed`` or ``cancelled``."""
+        return self._run.state.value
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        """The last progress report: ``done``, ``total``, ``fraction``, ``message``."""
+        return self._run.progress
+
+    @property
+    def task_type(self) -> str:
+        """The registered task type name."""
+        return self._run.task_type
+
+    @property
+    def device_ids(self) -> list[str]:
+        """Devices this run claims."""
+        return list(self._run.device_ids)
+
+    @property
+    def error(self) -> ErrorRecord | None:
+        """The run's error record (kept until cleared)."""
+        return self._run.error
+
+    def info(self) -> dict[str, Any]:
+        """JSON-ready summary of the run."""
+        return self._run.info()
+
+    def set_parameter(self, key: str, value: Any) -> None:
+        """Call the task's ``set_parameter(key, value)``; :class:`TaskError` if it has none."""
+        setter = getattr(self._run.instance, "set_parameter", None)
+        if not callable(setter):
+            raise TaskError(
+                f"Task {self.task_id!r} ({self._run.task_type}) does not support parameter updates: "
+                "its class has no set_parameter(key, value) method."
+            )
+        setter(key, value)
+        self._run.publish("parameter", {"key": key, "value": value})
+
+    def get_parameter(self, key: str) -> Any:
+        """Call the task's ``get_parameter(key)``; :class:`TaskError` if it has none."""
+        getter = getattr(self._run.instance, "get_parameter", None)
+        if not callable(getter):
+            raise TaskError(
+                f"Task {self.task_id!r} ({self._run.task_type}) does not support parameter queries: "
+                "its class has no get_parameter(key) method."
+            )
+        return getter(key)
+
+    def subscribe(
+        self, callback: Callable[[Any], object], maxsize: int = 1000
+    ) -> Any:
+        """Receive the run's progress, data and state events on a delivery thread."""
+        return self._run.stream.subscribe(callback, maxsize=maxsize)
