@@ -52,12 +52,12 @@ class Metric:
     unit: str  # ns | us | rate | share
     higher_is_better: bool
     target: str = ""
-    # (labd value, ratio labd-vs-LabDaemon or None) -> met?
-    check: Callable[[float, float | None], bool] | None = None
+    # (labd value, ratio labd-vs-LabDaemon or None) -> met? None: cannot tell (no LabDaemon run)
+    check: Callable[[float, float | None], bool | None] | None = None
 
 
-def _ratio_at_least(minimum: float) -> Callable[[float, float | None], bool]:
-    return lambda _value, ratio: ratio is not None and ratio >= minimum
+def _ratio_at_least(minimum: float) -> Callable[[float, float | None], bool | None]:
+    return lambda _value, ratio: None if ratio is None else ratio >= minimum
 
 
 METRICS: tuple[Metric, ...] = (
@@ -67,7 +67,7 @@ METRICS: tuple[Metric, ...] = (
         "ns",
         False,
         "<= 200 ns and >= 1.5x",
-        lambda value, ratio: value <= 200 and ratio is not None and ratio >= 1.5,
+        lambda value, ratio: None if ratio is None else value <= 200 and ratio >= 1.5,
     ),
     Metric("locked_overhead_ns", "ns", False),
     Metric("threads8_calls_per_s", "rate", True, ">= 2x", _ratio_at_least(2.0)),
@@ -106,7 +106,10 @@ def verdict(metric: Metric, labd: float | None, ratio: float | None) -> str:
         return ""
     if labd is None:
         return "[yellow]not run[/]"
-    return "[green]PASS[/]" if metric.check(labd, ratio) else "[red]FAIL[/]"
+    met = metric.check(labd, ratio)
+    if met is None:
+        return "[yellow]needs LabDaemon[/]"
+    return "[green]PASS[/]" if met else "[red]FAIL[/]"
 
 
 # --- venvs and children ------------------------------------------------------------

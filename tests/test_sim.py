@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import labd
 from labd.devices import method_kind
 from labd.errors import (
     DeviceConfigurationError,
@@ -19,7 +20,7 @@ from labd.errors import (
     DeviceNotConnectedError,
     DeviceOperationError,
 )
-from labd.sim import SimDAQ, SimLaser, SimPowerMeter, WavelengthSweep
+from labd.sim import DEMO_DEVICE_IDS, SimDAQ, SimLaser, SimPowerMeter, WavelengthSweep, demo_lab
 from labd.sim.daq import MAX_CATCH_UP_BLOCKS
 
 WAIT_S = 5.0  # watchdog for every bounded wait; never reached when things work
@@ -447,3 +448,66 @@ def test_sweep_validates_parameters(kwargs: dict[str, Any], message: str) -> Non
     params: dict[str, Any] = {"start_wl": 1549.0, "stop_wl": 1551.0, "steps": 5} | kwargs
     with pytest.raises(ValueError, match=message):
         WavelengthSweep("bad", "laser1", "pm1", **params)
+
+
+# -- demo_lab in a real daemon ----------------------------------------------
+
+
+@pytest.fixture
+def daemon() -> Iterator[labd.LabDaemon]:
+    lab = labd.LabDaemon()
+    try:
+        yield lab
+    finally:
+        lab.shutdown(timeout=WAIT_S)
+
+
+def test_demo_lab_adds_connected_devices(daemon: labd.LabDaemon) -> None:
+    devices = demo_lab(daemon, settling_time=0.0)
+    assert tuple(devices) == DEMO_DEVICE_IDS
+    laser, meter, daq = devices["laser1"], devices["pm1"], devices["daq1"]
+    assert isinstance(laser, SimLaser) and laser is daemon.get_device("laser1")
+    assert isinstance(meter, SimPowerMeter) and isinstance(daq, SimDAQ)
+    assert laser.get_wavelength() == 1550.0
+    assert 0.0 <= meter.get_power() < 1e-4  # output starts off
+    assert daq.get_rate() == 10_000.0
+    assert {"SimLaser", "SimPowerMeter", "SimDAQ"} <= set(daemon.device_types)
+    assert "WavelengthSweep" in daemon.task_types
+
+
+def test_demo_lab_keeps_types_registered_before(daemon: labd.LabDaemon) -> None:
+    daemon.register_plugins(
+        devices={"SimLaser": SimLaser}, tasks={"WavelengthSweep": WavelengthSweep}
+    )
+    demo_lab(daemon, settling_time=0.0)
+    assert daemon.get_device("pm1").get_power() >= 0.0
+
+
+def test_demo_sweep_runs_as_a_daemon_task(daemon: labd.LabDaemon) -> None:
+    demo_lab(daemon, settling_time=0.0)
+    handle = daemon.execute_task(
+        "sweep1",
+        "WavelengthSweep",
+        laser_id="laser1",
+        detector_id="pm1",
+        start_wl=1549.0,
+        stop_wl=1551.0,
+        steps=11,
+    )
+    result = handle.wait(timeout=WAIT_S)
+    assert result["status"] == "completed"
+    assert len(result["results"]) == 11
+    assert min(result["results"], key=lambda p: p["power"])["wavelength"] == pytest.approx(1550.0)
+
+
+def test_demo_daq_streams_through_the_daemon_and_stops(daemon: labd.LabDaemon) -> None:
+    devices = demo_lab(daemon, daq_rate=20_000.0, daq_block_size=100)
+    collector = BlockCollector(wanted=3)
+    daemon.start_streaming("daq1", collector)
+    assert collector.done.wait(WAIT_S)
+    daemon.stop_streaming("daq1", timeout=WAIT_S)
+    daq = devices["daq1"]
+    assert isinstance(daq, SimDAQ)
+    assert not daq.is_streaming()
+    assert daq._thread is not None and not daq._thread.is_alive()
+    assert [b["index"] for b in collector.blocks[:3]] == [0, 1, 2]

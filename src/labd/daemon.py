@@ -37,16 +37,15 @@ from labd.errors import (
     describe_choices,
 )
 from labd.ownership import (
-    FRAMEWORK,
     Actor,
     ClaimRegistry,
     Lease,
     acting_as,
     current_actor,
 )
+from labd.shutdown import ShutdownReport, run_shutdown
 from labd.streaming import DEFAULT_MAXSIZE, StreamHub, Subscription
 from labd.tasks import TaskHandle, TaskRun, TaskState
-from labd.shutdown import ShutdownReport, run_shutdown
 from labd.workers import WorkerPool
 
 __all__ = ["LabDaemon", "ShutdownReport"]
@@ -73,7 +72,7 @@ def check_id(value: object, what: str) -> str:
     return value
 
 
-def _check_plugin(kind: str, name: object, cls: object) -> None:
+def _check_plugin(kind: str, name: object, cls: Any) -> None:
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"{kind} type names must be non-empty strings, got {name!r}")
     if not callable(cls):
@@ -269,9 +268,8 @@ class LabDaemon:
         return self._slot(device_id).instance
 
     def _slot(self, device: Any) -> DeviceSlot:
-        if isinstance(device, str):
-            device_id = device
-        else:
+        device_id: object = device
+        if not isinstance(device, str):
             device_id = getattr(device, "device_id", None)
             if not isinstance(device_id, str):
                 for slot in list(self._slots.values()):
@@ -281,12 +279,12 @@ class LabDaemon:
                     "Pass a device id (str) or a device instance returned by add_device(), "
                     f"not {type(device).__name__}."
                 )
-        slot = self._slots.get(device_id)
-        if slot is None:
+        found = self._slots.get(device_id) if isinstance(device_id, str) else None
+        if found is None:
             raise UnknownDeviceError(
                 f"No device with id {device_id!r}. Devices: {describe_choices(self._slots)}."
             )
-        return slot
+        return found
 
     def _slot_for_claims(self, device_id: str) -> DeviceSlot:
         return self._slots[device_id]

@@ -104,7 +104,7 @@ class DeviceStreams:
                 on_callback_error=lambda sub, exc: self._callback_failed(slot, sub, exc),
             )
             sub = hub.subscribe(callback, maxsize=maxsize, on_ready=on_ready)
-            wrapped = getattr(slot.instance, "start_streaming")
+            wrapped: Callable[..., Any] = getattr(slot.instance, "start_streaming")  # noqa: B009
             actor = current_actor() if pinned else FRAMEWORK
             try:
                 with acting_as(actor):

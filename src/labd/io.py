@@ -1,23 +1,22 @@
 """Save and load measurement data: NumPy-aware JSON, nested-dict HDF5, provenance.
 
 JSON (`save_json` / `load_json`), written with orjson:
-  numpy arrays -> lists (they load back as lists; `np.asarray` them), numpy scalars -> numbers,
+  numpy arrays -> lists (and load back as lists: `np.asarray` them), numpy scalars -> numbers,
   datetime/date/time -> ISO strings, paths -> strings, sets -> sorted lists, tuples -> lists,
-  enums -> their value, dataclasses -> dicts, non-str dict keys -> strings (as stdlib json does).
-  Values plain JSON cannot hold are written as one-key marker objects and decoded on load:
-  NaN/inf/-inf -> {"__float__": "nan" | "inf" | "-inf"} (also inside arrays),
+  enums -> their value, dataclasses -> dicts, non-str dict keys -> strings (as stdlib json).
+  What plain JSON cannot hold is written as a one-key marker object, decoded again on load:
+  NaN/inf/-inf -> {"__float__": "nan" | "inf" | "-inf"} (also inside arrays) and
   complex -> {"__complex__": [re, im]}. A dict of exactly that shape is therefore reserved.
-HDF5 (`save_hdf5` / `load_hdf5`), the same layout as LabDaemon 1.0 so either can read the other:
-  /data      the data tree: dicts -> groups; arrays and rectangular lists of numbers -> datasets
-             (gzip-compressed from 8 KiB; they load back as np.ndarray); scalars and strings ->
-             scalar datasets (they load back as Python scalars); lists of strings -> string datasets
-             (load back as lists); None -> empty dataset with attribute is_none; any other list
-             (mixed, ragged, of dicts, empty) -> group of members "0", "1", ... with attribute
-             labd_kind="list" (loads back as a list).
-  /metadata  attributes: capture_metadata() merged with the caller's metadata; values that are not
-             str/int/float/bool are JSON-encoded and their names listed in attribute labd_json_keys.
-Every save writes a temporary file next to the target and renames it into place, so a failed or
-interrupted save never leaves a half-written file and never damages the previous one.
+HDF5 (`save_hdf5` / `load_hdf5`), LabDaemon 1.0's layout, so each reads the other's files:
+  /data      dicts -> groups; arrays and rectangular lists of numbers -> datasets (gzip from
+             8 KiB; load back as np.ndarray); scalars and strings -> scalar datasets (load back
+             as Python scalars); lists of strings -> string datasets (load back as lists);
+             None -> empty dataset with attribute is_none; any other list (mixed, ragged, of
+             dicts, empty) -> group "0", "1", ... with attribute labd_kind="list".
+  /metadata  attributes: capture_metadata() updated with the caller's metadata; values other
+             than str/int/float/bool are JSON text, their names listed in labd_json_keys.
+Every save writes a temporary file beside the target and renames it into place: a failed
+save leaves no partial file and the previous file intact.
 """
 
 from __future__ import annotations
@@ -110,11 +109,6 @@ def _atomic_target(filepath: PathArg) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "r+b") as fh:
-        os.fsync(fh.fileno())
-
-
 # ---------------------------------------------------------------- JSON
 
 
@@ -155,8 +149,10 @@ def _to_json(obj: Any, path: str, default: Callable[[Any], Any] | None) -> Any:
         return _array_json(obj, path, default)
     if isinstance(obj, Mapping):
         return {_key_text(k, path): _to_json(v, f"{path}[{k!r}]", default) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [_to_json(v, f"{path}[{i}]", default) for i, v in enumerate(_ordered(obj))]
+    if isinstance(obj, set | frozenset):
+        obj = _sorted(obj)
+    if isinstance(obj, list | tuple):
+        return [_to_json(v, f"{path}[{i}]", default) for i, v in enumerate(obj)]
     if isinstance(obj, np.datetime64):
         return str(np.datetime_as_string(obj))
     if isinstance(obj, datetime | date | time):
@@ -173,9 +169,7 @@ def _to_json(obj: Any, path: str, default: Callable[[Any], Any] | None) -> Any:
     raise _unsupported(path, obj, "JSON")
 
 
-def _ordered(items: list[Any] | tuple[Any, ...] | set[Any] | frozenset[Any]) -> list[Any]:
-    if not isinstance(items, set | frozenset):
-        return list(items)
+def _sorted(items: set[Any] | frozenset[Any]) -> list[Any]:
     try:
         return sorted(items)
     except TypeError:  # mixed types do not compare; any stable order beats failing
@@ -353,10 +347,10 @@ def _h5_write_dict(group: Any, data: Mapping[Any, Any], path: str, comp: Any) ->
         _h5_write(group, key, value, path, comp)
 
 
-def _attr_native(value: Any) -> bool:
+def _attr_native(value: Any, path: str) -> bool:
     """Whether HDF5 can hold `value` as a plain attribute (else it is stored as JSON text)."""
     if isinstance(value, str):
-        return "\x00" not in value
+        return "\x00" not in _utf8(value, path)
     if isinstance(value, int | np.integer):
         return int(value) in _INT_RANGE
     return isinstance(value, float | np.bool_ | np.floating)
@@ -365,11 +359,11 @@ def _attr_native(value: Any) -> bool:
 def _h5_write_metadata(group: Any, metadata: Mapping[Any, Any]) -> None:
     json_keys = []
     for key, value in metadata.items():
-        name = _check_text(_key_text(key, "metadata"), "metadata")
-        if _attr_native(value):
+        name, path = _check_text(_key_text(key, "metadata"), "metadata"), f"metadata[{key!r}]"
+        if _attr_native(value, path):
             group.attrs[name] = value
         else:
-            payload = _to_json(value, f"metadata[{key!r}]", None)
+            payload = _to_json(value, path, None)
             group.attrs[name] = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY).decode()
             json_keys.append(name)
     if json_keys:
@@ -433,7 +427,8 @@ def save_hdf5(
             f.attrs["labd_format"] = 1
             _h5_write_dict(f.create_group("data", track_order=True), data, "data", compression)
             _h5_write_metadata(f.create_group("metadata", track_order=True), full_metadata)
-        _fsync(tmp)
+        with open(tmp, "r+b") as fh:  # flush to disk before the rename makes it visible
+            os.fsync(fh.fileno())
     return target
 
 
@@ -459,7 +454,8 @@ def load_hdf5(
     if not path.is_file():
         raise FileNotFoundError(f"No HDF5 file at {path}.")
     with h5py.File(path, "r") as f:
-        data = _h5_read(f.get("data", f))
+        data_group = f.get("data")
+        data = _h5_read(data_group if isinstance(data_group, h5py.Group) else f)
         meta_group = f.get("metadata")
         metadata = _h5_read_metadata(meta_group) if isinstance(meta_group, h5py.Group) else {}
     return (data, metadata) if return_metadata else data
@@ -489,7 +485,8 @@ def _git_commit(directory: str | None) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
 
 
 def _safe(read: Callable[[], str]) -> str | None:

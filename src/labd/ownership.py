@@ -386,9 +386,10 @@ class ClaimRegistry:
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         lease.ttl = ttl
         lease.expires_at = time.time() + ttl
-        lease._deadline_handle = self._timer.call_later(
-            ttl, lambda: self.end_lease(lease, "expired", f"not renewed within {ttl:g} s")
-        )
+        def expire() -> None:
+            self.end_lease(lease, "expired", f"not renewed within {ttl:g} s")
+
+        lease._deadline_handle = self._timer.call_later(ttl, expire)
 
     # -- internals (call with self._lock held) ---------------------------------------------
     def _conflicts(
