@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 import re
 import threading
 import time
@@ -44,6 +45,7 @@ from labd.ownership import (
     current_actor,
 )
 from labd.shutdown import ShutdownReport, run_shutdown
+from labd.store import RunStore
 from labd.streaming import DEFAULT_MAXSIZE, StreamHub, Subscription
 from labd.tasks import TaskHandle, TaskRun, TaskState
 from labd.workers import WorkerPool
@@ -111,6 +113,7 @@ class LabDaemon:
         strict_ownership: bool = False,
         call_timeout: float | None = None,
         stream_maxsize: int = DEFAULT_MAXSIZE,
+        store: RunStore | str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(completed_task_buffer, int) or completed_task_buffer < 0:
             raise InvalidArgumentError(
@@ -136,6 +139,11 @@ class LabDaemon:
         self._closed = False
         self._shutdown_report: ShutdownReport | None = None
         self._shutdown_lock = threading.Lock()
+        self._store: RunStore | None = None
+        self._owns_store = False
+        if store is not None:
+            self._owns_store = not isinstance(store, RunStore)
+            self._store = store if isinstance(store, RunStore) else RunStore(store)
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ plugins
@@ -497,25 +505,38 @@ class LabDaemon:
         return TaskHandle(run)
 
     def _claim_for(self, run: TaskRun, wait: float | bool) -> None:
-        if not run.device_ids:
-            self._pool.submit(run.execute)
-            return
-        if wait is False:
+        if run.device_ids and wait is False:
             self._claims.claim(
                 run, run.device_ids,
                 "Cancel the task that owns it, wait for it, or pass wait_for_devices=True.",
             )
+        elif run.device_ids:
+            self._record_created(run)  # before another thread can grant the claim
+            pending = self._claims.claim_or_queue(
+                run, run.device_ids, lambda: self._pool.submit(run.execute), run.fail_pending,
+                None if wait is True else float(wait),
+            )
+            if pending is not None:
+                run.pending_claim = pending
+                self._run_state_changed(run)
+                return
             self._pool.submit(run.execute)
             return
-        pending = self._claims.claim_or_queue(
-            run, run.device_ids, lambda: self._pool.submit(run.execute), run.fail_pending,
-            None if wait is True else float(wait),
-        )
-        if pending is None:
-            self._pool.submit(run.execute)
-        else:
-            run.pending_claim = pending
-            self._run_state_changed(run)
+        self._record_created(run)
+        self._pool.submit(run.execute)
+
+    def _record_created(self, run: TaskRun) -> None:
+        store = self._store
+        if store is None:
+            return
+        run.uid = store.new_uid()
+        run.recorder = store
+        store.run_created(run.uid, {
+            "task_id": run.task_id, "task_type": run.task_type, "status": run.state.value,
+            "params": run.params, "device_ids": list(run.device_ids), "owner": run.principal,
+            "parent_id": run.parent.owner_id if run.parent is not None else None,
+            "created_at": run.created_at,
+        })
 
     def _generate_task_id(self, task_type: str) -> str:
         base = re.sub(r"[^A-Za-z0-9_\-.:]", "_", task_type)[:100] or "task"
@@ -612,6 +633,53 @@ class LabDaemon:
                 f"{self.completed_task_buffer} finished). Runs: {describe_choices(self._runs)}."
             )
         return run
+
+    # ------------------------------------------------------------------ history
+    @property
+    def store(self) -> RunStore | None:
+        """The run store, or None when history is kept in memory only."""
+        return self._store
+
+    def runs(
+        self, status: str | None = None, task_type: str | None = None,
+        since: float | None = None, limit: int = 50, offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Run history, newest first: from the run store, or the retained runs without one.
+
+        ``since`` is a POSIX timestamp; each entry is a summary without result or events.
+        """
+        if not isinstance(limit, int) or limit < 1 or limit > 10_000:
+            raise InvalidArgumentError(f"limit must be an integer from 1 to 10000, got {limit!r}")
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidArgumentError(f"offset must be an integer >= 0, got {offset!r}")
+        if status is not None and status not in {s.value for s in TaskState}:
+            raise InvalidArgumentError(
+                f"Unknown status {status!r}; valid: {describe_choices(s.value for s in TaskState)}."
+            )
+        if self._store is not None:
+            self._store.flush(timeout=2.0)
+            return self._store.runs(status=status, task_type=task_type, since=since,
+                                    limit=limit, offset=offset)
+        with self._lock:
+            runs = list(self._runs.values())
+        runs = [r for r in reversed(runs)
+                if (status is None or r.state.value == status)
+                and (task_type is None or r.task_type == task_type)
+                and (since is None or r.created_at >= since)]
+        return [r.info() for r in runs[offset:offset + limit]]
+
+    def get_run(self, task_id: str) -> dict[str, Any]:
+        """The full record of a run (``result`` and ``events`` included), live or historical."""
+        if self._store is not None:
+            self._store.flush(timeout=2.0)
+            record = self._store.get_run(task_id)
+            if record is not None:
+                return record
+        run = self._runs.get(task_id) if isinstance(task_id, str) else None
+        if run is None:
+            where = "in the run store" if self._store is not None else "(no run store configured)"
+            raise UnknownTaskError(f"No run with id {task_id!r} {where}.")
+        return {**run.info(), "result": run.result, "events": []}
 
     def list_tasks(self) -> list[dict[str, Any]]:
         """Summaries of live and retained runs, oldest first."""
@@ -781,6 +849,8 @@ class LabDaemon:
     def _device_error(self, slot: DeviceSlot, record: ErrorRecord) -> None:
         self._publish_event({"event": "device_error", "device_id": slot.device_id,
                              "error": record.to_dict(include_traceback=False)})
+        if self._store is not None:
+            self._store.device_error(record.to_dict())
         for listener in list(self._error_listeners):
             try:
                 listener(record)
@@ -789,12 +859,24 @@ class LabDaemon:
 
     def _publish_event(self, event: dict[str, Any]) -> None:
         self.events.publish(event)
+        name = event.get("event", "")
+        if self._store is not None and name.startswith("lease_"):
+            self._store.lease_event(name[6:], event.get("lease", {}))
 
     # ------------------------------------------------------------------ shutdown
     @property
     def closed(self) -> bool:
         """True once :meth:`shutdown` started."""
         return self._closed
+
+    def _close_store(self) -> None:
+        store = self._store
+        if store is None:
+            return
+        if self._owns_store:
+            store.close()
+        else:
+            store.flush()
 
     def _check_open(self) -> None:
         if self._closed:

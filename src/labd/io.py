@@ -42,6 +42,8 @@ import orjson
 __all__ = [
     "UnsupportedDataError",
     "capture_metadata",
+    "dumps_json",
+    "loads_json",
     "load_hdf5",
     "load_json",
     "save_hdf5",
@@ -195,6 +197,19 @@ def _decode_json(raw: bytes | str) -> Any:
     text = raw if isinstance(raw, bytes) else raw.encode()
     # Skip the Python walk over large files that hold no markers at all.
     return _from_json(data) if b'"__float__"' in text or b'"__complex__"' in text else data
+
+
+def dumps_json(obj: Any, *, default: Callable[[Any], Any] | None = None) -> bytes:
+    """Encode ``obj`` as compact JSON bytes with the same lossless markers as :func:`save_json`.
+
+    Used for run-store rows and anywhere labd persists user data; :func:`loads_json` decodes.
+    """
+    return orjson.dumps(_to_json(obj, "data", default), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def loads_json(raw: bytes | str) -> Any:
+    """Decode what :func:`dumps_json` (or :func:`save_json`) wrote."""
+    return _decode_json(raw)
 
 
 def save_json(

@@ -116,6 +116,7 @@ def run_shutdown(daemon: LabDaemon, timeout: float) -> ShutdownReport:
     daemon._timer.close()
     daemon.events.close(timeout=0.2)
     busy = daemon._pool.close(timeout=0.05)
+    daemon._close_store()
     del busy  # hung jobs are already named by task id or device id above
     report.seconds = time.monotonic() - started
     return report

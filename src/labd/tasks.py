@@ -74,7 +74,10 @@ class TaskContext:
 
     def emit(self, data: Any) -> None:
         """Publish intermediate data (a dict, an array) to the task's stream."""
-        self._run.publish("data", {"data": data})
+        run = self._run
+        run.publish("data", {"data": data})
+        if run.recorder is not None:
+            run.recorder.run_data(run.uid, data)
 
     def checkpoint(self) -> None:
         """Raise :class:`TaskCancelledError` if cancelled; block here while paused."""
@@ -136,6 +139,10 @@ class TaskRun(Owner):
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.pending_claim: PendingClaim | None = None
+        #: Run-store uid and recorder (set by the daemon when it has a store).
+        self.uid = 0
+        self.recorder: Any = None
+        self.persisted = threading.Event()
         self.context = TaskContext(daemon, self)
         self._daemon = daemon
         self._on_state = on_state
@@ -168,10 +175,14 @@ class TaskRun(Owner):
             fraction = max(0.0, min(1.0, float(done) / float(total)))
         self.progress = {"done": done, "total": total, "fraction": fraction, "message": message}
         self.publish("progress", self.progress)
+        if self.recorder is not None:
+            self.recorder.run_progress(self.uid, self.progress)
 
     def _set_state(self, state: TaskState) -> None:
         self.state = state
         self.publish("state", {"status": state.value})
+        if self.recorder is not None and not state.finished:
+            self.recorder.run_state(self.uid, state.value, self.started_at)
         self._on_state(self)
 
     def transition(self, expected: TaskState, new: TaskState) -> None:
@@ -238,12 +249,21 @@ class TaskRun(Owner):
             # Devices are free before anyone waiting on the handle hears that the run ended.
             self._daemon._release_run(self)
             self.finished_at = time.time()
+            if self.recorder is not None:
+                self.recorder.run_finished(
+                    self.uid, state.value, result,
+                    self.error.to_dict() if self.error else None, self.finished_at, self.persisted,
+                )
+            else:
+                self.persisted.set()
             self._set_state(state)
+            # Trim the retained-run buffer before waking waiters, so that after wait()
+            # returns, list_tasks()/get_task() already reflect any eviction.
+            self._daemon._run_finished(self)
             self.done_event.set()
         hub = self._hub
         if hub is not None:
             hub.publish({"event": "finished", "task_id": self.task_id, "status": state.value})
-        self._daemon._run_finished(self)
 
     def cancel_pending(self) -> bool:
         """Cancel a run still waiting for devices; True if it was pending."""
