@@ -302,55 +302,65 @@ class RunStore:
             event.set()
 
     def _apply(self, conn: sqlite3.Connection, entry: tuple[Any, ...]) -> None:
-        op, ts = entry[0], entry[1]
-        if op == "created":
-            uid, info = entry[2], entry[3]
-            conn.execute(
-                "INSERT INTO runs(uid, task_id, task_type, status, params, device_ids, owner, parent_id,"
-                " created_at, updated_at, session) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (uid, info["task_id"], info["task_type"], info["status"],
-                 self._encode(info.get("params"), uid, "params"), dumps_json(info.get("device_ids", [])),
-                 info.get("owner"), info.get("parent_id"), info.get("created_at", ts), ts, self.session),
-            )
-            self._event(conn, uid, ts, "state", {"status": info["status"]})
-        elif op == "state":
-            uid, status, started_at = entry[2], entry[3], entry[4]
-            conn.execute("UPDATE runs SET status=?, started_at=COALESCE(started_at, ?), updated_at=? WHERE uid=?",
-                         (status, started_at, ts, uid))
-            self._event(conn, uid, ts, "state", {"status": status})
-        elif op == "progress":
-            uid, progress = entry[2], entry[3]
-            body = dumps_json(progress)
-            conn.execute("UPDATE runs SET progress=?, updated_at=? WHERE uid=?", (body, ts, uid))
-            conn.execute("INSERT INTO run_events(run_uid, ts, kind, body) VALUES (?,?,?,?)", (uid, ts, "progress", body))
-        elif op == "data":
-            uid, data = entry[2], entry[3]
-            body: bytes | None = self._encode(data, uid, "data")
-            if body is not None and len(body) > self.max_emit_bytes:
-                body = dumps_json({"truncated": True, "bytes": len(body)})
-            conn.execute("UPDATE runs SET updated_at=? WHERE uid=?", (ts, uid))
-            conn.execute("INSERT INTO run_events(run_uid, ts, kind, body) VALUES (?,?,?,?)", (uid, ts, "data", body))
-        elif op == "finished":
-            uid, status, result, error, finished_at = entry[2:7]
-            conn.execute(
-                "UPDATE runs SET status=?, result=?, error=?, finished_at=?, updated_at=? WHERE uid=?",
-                (status, self._encode(result, uid, "result"), dumps_json(error) if error else None,
-                 finished_at, ts, uid),
-            )
-            self._event(conn, uid, ts, "state", {"status": status})
-        elif op == "device_error":
-            record = entry[2]
-            conn.execute(
-                "INSERT INTO device_errors(ts, device_id, type, message, origin, record) VALUES (?,?,?,?,?,?)",
-                (ts, record.get("context", {}).get("device_id"), record.get("type"), record.get("message"),
-                 record.get("origin"), dumps_json(record)),
-            )
-        elif op == "lease":
-            event, lease = entry[2], entry[3]
-            conn.execute("INSERT INTO lease_events(ts, lease_id, owner, event, body) VALUES (?,?,?,?,?)",
-                         (ts, lease.get("lease_id"), lease.get("owner"), event, dumps_json(lease)))
-        elif op == "session_end":
-            conn.execute("UPDATE sessions SET stopped_at=? WHERE id=?", (ts, self.session))
+        getattr(self, f"_apply_{entry[0]}")(conn, entry[1], *entry[2:])
+
+    def _apply_created(self, conn: sqlite3.Connection, ts: float, uid: int, info: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO runs(uid, task_id, task_type, status, params, device_ids, owner, parent_id,"
+            " created_at, updated_at, session) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (uid, info["task_id"], info["task_type"], info["status"],
+             self._encode(info.get("params"), uid, "params"), dumps_json(info.get("device_ids", [])),
+             info.get("owner"), info.get("parent_id"), info.get("created_at", ts), ts, self.session),
+        )
+        self._event(conn, uid, ts, "state", {"status": info["status"]})
+
+    def _apply_state(
+        self, conn: sqlite3.Connection, ts: float, uid: int, status: str, started_at: float | None
+    ) -> None:
+        conn.execute(
+            "UPDATE runs SET status=?, started_at=COALESCE(started_at, ?), updated_at=? WHERE uid=?",
+            (status, started_at, ts, uid),
+        )
+        self._event(conn, uid, ts, "state", {"status": status})
+
+    def _apply_progress(self, conn: sqlite3.Connection, ts: float, uid: int, progress: Any) -> None:
+        body = dumps_json(progress)
+        conn.execute("UPDATE runs SET progress=?, updated_at=? WHERE uid=?", (body, ts, uid))
+        conn.execute("INSERT INTO run_events(run_uid, ts, kind, body) VALUES (?,?,?,?)",
+                     (uid, ts, "progress", body))
+
+    def _apply_data(self, conn: sqlite3.Connection, ts: float, uid: int, data: Any) -> None:
+        body = self._encode(data, uid, "data")
+        if body is not None and len(body) > self.max_emit_bytes:
+            body = dumps_json({"truncated": True, "bytes": len(body)})
+        conn.execute("UPDATE runs SET updated_at=? WHERE uid=?", (ts, uid))
+        conn.execute("INSERT INTO run_events(run_uid, ts, kind, body) VALUES (?,?,?,?)",
+                     (uid, ts, "data", body))
+
+    def _apply_finished(
+        self, conn: sqlite3.Connection, ts: float, uid: int, status: str, result: Any,
+        error: dict[str, Any] | None, finished_at: float, done: threading.Event | None,
+    ) -> None:
+        conn.execute(
+            "UPDATE runs SET status=?, result=?, error=?, finished_at=?, updated_at=? WHERE uid=?",
+            (status, self._encode(result, uid, "result"), dumps_json(error) if error else None,
+             finished_at, ts, uid),
+        )
+        self._event(conn, uid, ts, "state", {"status": status})
+
+    def _apply_device_error(self, conn: sqlite3.Connection, ts: float, record: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO device_errors(ts, device_id, type, message, origin, record) VALUES (?,?,?,?,?,?)",
+            (ts, record.get("context", {}).get("device_id"), record.get("type"), record.get("message"),
+             record.get("origin"), dumps_json(record)),
+        )
+
+    def _apply_lease(self, conn: sqlite3.Connection, ts: float, event: str, lease: dict[str, Any]) -> None:
+        conn.execute("INSERT INTO lease_events(ts, lease_id, owner, event, body) VALUES (?,?,?,?,?)",
+                     (ts, lease.get("lease_id"), lease.get("owner"), event, dumps_json(lease)))
+
+    def _apply_session_end(self, conn: sqlite3.Connection, ts: float) -> None:
+        conn.execute("UPDATE sessions SET stopped_at=? WHERE id=?", (ts, self.session))
 
     @staticmethod
     def _event(conn: sqlite3.Connection, uid: int, ts: float, kind: str, body: Any) -> None:
