@@ -159,7 +159,10 @@ class RunStore:
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a process crash
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
-            raise StoreError(f"Cannot open run store {str(self.path)!r}: {exc}.") from exc
+            raise StoreError(
+                f"Cannot open run store {str(self.path)!r}: {exc}. The file or its directory is not "
+                "writable (read-only filesystem or permissions); choose another path (--db / LABD_DB)."
+            ) from exc
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
