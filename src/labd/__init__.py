@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from labd import sim  # the simulated lab: ``ld.sim.demo_lab(daemon)``
 from labd.daemon import LabDaemon
 from labd.devices import DeviceState, command, query
 from labd.errors import (
@@ -47,6 +48,7 @@ from labd.errors import (
 from labd.io import capture_metadata, load_hdf5, load_json, save_hdf5, save_json
 from labd.ownership import Lease
 from labd.shutdown import ShutdownReport
+from labd.store import RunStore, StoreError
 from labd.streaming import StreamItem, Subscription
 from labd.tasks import TaskContext, TaskHandle, TaskState
 
@@ -71,7 +73,9 @@ __all__ = [
     "LabDaemonException",
     "Lease",
     "LeaseError",
+    "RunStore",
     "ShutdownReport",
+    "StoreError",
     "StreamItem",
     "Subscription",
     "TaskCancelledError",
@@ -93,4 +97,5 @@ __all__ = [
     "query",
     "save_hdf5",
     "save_json",
+    "sim",
 ]
