@@ -181,10 +181,15 @@ def test_disk_full_later_degrades_without_failing_tasks(tmp_path: Path) -> None:
         # Simulate a full disk: SQLite may not grow the file any further.
         pages = store._writer_conn.execute("PRAGMA page_count").fetchone()[0]
         store._writer_conn.execute(f"PRAGMA max_page_count = {pages}")
-        results = [daemon.execute_task(f"after{i}", "BigResult", size=10).wait(timeout=10)
-                   for i in range(200)]
-        store.flush()
-        assert len(results) == 200
+        finished = 0
+        for batch in range(20):  # bounded: the file cannot grow, so this fills it quickly
+            for i in range(100):
+                daemon.execute_task(f"after{batch}-{i}", "BigResult", size=10).wait(timeout=10)
+                finished += 1
+            store.flush()
+            if store.stats()["degraded"]:
+                break
+        assert finished >= 100  # every task completed although nothing could be written
         assert store.stats()["degraded"] is True
         assert "full" in (store.degraded_reason or "")
         assert store.dropped_records > 0

@@ -243,7 +243,7 @@ class RunStore:
 
     def run_finished(
         self, uid: int, status: str, result: Any, error: dict[str, Any] | None,
-        finished_at: float, done: threading.Event | None = None,
+        finished_at: float, done: Any = None,
     ) -> None:
         """Record the end of a run; ``done`` is set once it is committed."""
         self._put("finished", uid, status, result, error, finished_at, done)
@@ -342,7 +342,7 @@ class RunStore:
 
     def _apply_finished(
         self, conn: sqlite3.Connection, ts: float, uid: int, status: str, result: Any,
-        error: dict[str, Any] | None, finished_at: float, done: threading.Event | None,
+        error: dict[str, Any] | None, finished_at: float, done: Any,
     ) -> None:
         conn.execute(
             "UPDATE runs SET status=?, result=?, error=?, finished_at=?, updated_at=? WHERE uid=?",

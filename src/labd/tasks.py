@@ -7,6 +7,7 @@ state changes on its own stream, and it is driven through a :class:`TaskHandle`.
 
 from __future__ import annotations
 
+import _thread
 import enum
 import threading
 import time
@@ -48,6 +49,47 @@ class TaskState(enum.Enum):
 
 _FINISHED = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED,
                        TaskState.INTERRUPTED})
+
+
+class Latch:
+    """A one-shot event: cheaper than ``threading.Event`` (no Condition, no per-wait lock).
+
+    Waiters block on a lock that :meth:`set` releases; each waiter passes it on.
+    """
+
+    __slots__ = ("_flag", "_gate")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._gate = _thread.allocate_lock()
+        self._gate.acquire()
+
+    def set(self) -> None:
+        """Open the latch for good. Idempotent."""
+        if not self._flag:
+            self._flag = True
+            try:
+                self._gate.release()
+            except RuntimeError:  # already released by another set()
+                pass
+
+    def is_set(self) -> bool:
+        """True once :meth:`set` was called."""
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until set (or ``timeout`` seconds); True if set."""
+        if self._flag:
+            return True
+        if timeout is None:
+            got = self._gate.acquire()
+        elif timeout <= 0:
+            return self._flag
+        else:
+            got = self._gate.acquire(True, timeout)
+        if got:
+            self._gate.release()  # let the next waiter through
+        return self._flag
 
 
 class TaskContext:
@@ -130,7 +172,7 @@ class TaskRun(Owner):
         self.cancel_event = threading.Event()
         self.resume_event = threading.Event()
         self.resume_event.set()
-        self.done_event = threading.Event()
+        self.done_event = Latch()
         self.result: Any = None
         self.exception: BaseException | None = None
         self.error: ErrorRecord | None = None
@@ -142,7 +184,7 @@ class TaskRun(Owner):
         #: Run-store uid and recorder (set by the daemon when it has a store).
         self.uid = 0
         self.recorder: Any = None
-        self.persisted = threading.Event()
+        self.persisted = Latch()
         self.context = TaskContext(daemon, self)
         self._daemon = daemon
         self._on_state = on_state
