@@ -22,7 +22,7 @@ from typing import Any
 
 from labd.deadlines import DeadlineTimer
 from labd.device_streams import DeviceStreams
-from labd.devices import DeviceSlot, DeviceState, wrap_device
+from labd.devices import DeviceSlot, DeviceState, rewrap_device, wrap_device
 from labd.errors import (
     DaemonClosedError,
     DeviceConnectionError,
@@ -36,6 +36,7 @@ from labd.errors import (
     UnknownTaskError,
     UnknownTaskTypeError,
     describe_choices,
+    iso_from_timestamp,
 )
 from labd.ownership import (
     Actor,
@@ -72,6 +73,17 @@ def check_id(value: object, what: str) -> str:
             f"Invalid {what} {value!r}: use 1 to 128 letters, digits or the characters _ - . :"
         )
     return value
+
+
+def _plugin_map(argument: str, value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError(
+            f"register_plugins({argument}=...) takes a dict of type name -> class, e.g. "
+            f"{{'MyLaser': MyLaser}}; got {type(value).__name__} {value!r}."
+        )
+    return dict(value)
 
 
 def _check_plugin(kind: str, name: object, cls: Any) -> None:
@@ -156,8 +168,8 @@ class LabDaemon:
 
         All names are checked before any is registered, so a bad entry changes nothing.
         """
-        devices = dict(devices or {})
-        tasks = dict(tasks or {})
+        devices = _plugin_map("devices", devices)
+        tasks = _plugin_map("tasks", tasks)
         with self._lock:
             for name, cls in devices.items():
                 _check_plugin("Device", name, cls)
@@ -305,8 +317,6 @@ class LabDaemon:
         """JSON-ready state of one device (the shape of ``GET /devices/{id}``)."""
         slot = self._slot(device_id)
         owner = self._claims.owner_of(device_id)
-        stats = slot.lock.statistics()
-        from labd.errors import iso_from_timestamp
 
         return {
             "device_id": slot.device_id,
@@ -322,7 +332,7 @@ class LabDaemon:
             "last_error": slot.last_error.to_dict(include_traceback=False) if slot.last_error else None,
             "params": slot.params,
             "call_timeout": slot.call_timeout,
-            "lock": {"holder": stats.holder_thread, "waiting": stats.waiting, "fifo": stats.fifo_mode},
+            "lock": slot.lock_info(),
             "stream": self._streams.stats(slot),
         }
 
@@ -342,7 +352,9 @@ class LabDaemon:
         """Raise :class:`DeviceTimeoutError` when a call waits longer than ``seconds`` for the device."""
         if seconds is not None and (not isinstance(seconds, int | float) or seconds <= 0):
             raise InvalidArgumentError(f"call_timeout must be a positive number or None, got {seconds!r}")
-        self._slot(device_id).call_timeout = seconds
+        slot = self._slot(device_id)
+        slot.call_timeout = seconds
+        rewrap_device(slot)
 
     def call_device(
         self,
@@ -371,6 +383,7 @@ class LabDaemon:
         Raises :class:`DeviceConnectionError` (the driver's error as ``__cause__``) or
         :class:`DeviceTimeoutError`; the device is then ``faulted``.
         """
+        self._check_open()
         slot = self._slot(device)
         connect = getattr(slot.instance, "connect", None)
         if not callable(connect):
@@ -418,7 +431,10 @@ class LabDaemon:
         if timeout is None:
             job()
         else:
-            self._pool.submit(job)
+            try:
+                self._pool.submit(job)
+            except RuntimeError:  # the daemon was shut down: its pool no longer takes jobs
+                threading.Thread(target=job, name=f"labd-{what}-{slot.device_id}", daemon=True).start()
         if not done.wait(timeout):
             slot.state = DeviceState.FAULTED
             err = DeviceTimeoutError(

@@ -76,6 +76,15 @@ def _start(
     return done
 
 
+def _close_task_streams(daemon: LabDaemon, timeout: float) -> None:
+    """End every run's stream: a subscriber that never called close() must not keep a thread."""
+    deadline = time.monotonic() + timeout
+    for run in list(daemon._runs.values()):
+        hub = run._hub
+        if hub is not None:
+            hub.close(timeout=max(deadline - time.monotonic(), 0.0))
+
+
 def run_shutdown(daemon: LabDaemon, timeout: float) -> ShutdownReport:
     """Shut ``daemon`` down within about ``2 * timeout`` seconds and report what did not stop."""
     started = time.monotonic()
@@ -112,9 +121,11 @@ def run_shutdown(daemon: LabDaemon, timeout: float) -> ShutdownReport:
         )
         if not done.wait(max(device_deadline - time.monotonic(), GRACE)):
             report.devices_not_disconnected.append(slot.device_id)
+            slot.state = DeviceState.FAULTED
 
     daemon._timer.close()
     daemon.events.close(timeout=0.2)
+    _close_task_streams(daemon, timeout=0.2)
     busy = daemon._pool.close(timeout=0.05)
     daemon._close_store()
     del busy  # hung jobs are already named by task id or device id above
