@@ -1,0 +1,411 @@
+"""The ``labd`` command against a real server on 127.0.0.1 (typer's CliRunner, and a subprocess for serve)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from labd.cli import app
+from labd.cli.args import parse_call_args, parse_params, parse_value
+from labd.cli.errors import CliError
+from labd.cli.output import sparkline
+
+pytestmark = pytest.mark.server
+
+# Wide, colourless output: rich wraps at 80 columns and adds escape codes otherwise.
+ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "LABD_URL": None}
+SERVE_START_TIMEOUT_S = 30.0
+SERVE_STOP_TIMEOUT_S = 15.0
+TASK_TIMEOUT_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner(env=ENV)
+
+
+@pytest.fixture
+def lab() -> Iterator[Any]:
+    """A running server with the simulated lab (laser1, pm1, daq1), stopped after the test."""
+    from labd.testing import running_server
+
+    with running_server(demo=True) as running:
+        yield running
+
+
+def invoke(runner: CliRunner, *args: str) -> Result:
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> None:
+    """Exit non-zero with exactly one ``labd: error:`` line and no traceback."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("labd: error:")]
+    assert len(error_lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error_lines[0], f"{fragment!r} not in {error_lines[0]!r}"
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A URL whose port is bound but not listening: connecting is refused, deterministically."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port another program listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------------- parsing
+def test_words_become_json_values_or_strings() -> None:
+    assert parse_value("1550") == 1550
+    assert parse_value("-1.5e-3") == -1.5e-3
+    assert parse_value("[1, 2]") == [1, 2]
+    assert parse_value("GPIB0::1") == "GPIB0::1"
+    assert parse_call_args(["1550", '"a=b"', "unit=nm", "fast=true"]) == (
+        [1550, "a=b"],
+        {"unit": "nm", "fast": True},
+    )
+    assert parse_params(["steps=40", "laser_id=laser1"]) == {"steps": 40, "laser_id": "laser1"}
+    with pytest.raises(CliError, match="key=value"):
+        parse_params(["steps"])
+    with pytest.raises(CliError, match="follows keyword"):
+        parse_call_args(["a=1", "2"])
+
+
+def test_sparkline_spans_lowest_to_highest() -> None:
+    assert sparkline([1, 2, 3, 2, 1]) == "▁▅█▅▁"
+    assert sparkline([float("nan"), 0.0]) == " ▄"
+
+
+def test_version(runner: CliRunner) -> None:
+    result = invoke(runner, "version")
+    assert result.exit_code == 0
+    assert result.output.startswith("labd ")
+
+
+# ---------------------------------------------------------------------- remote commands
+def test_devices_table_lists_the_demo_lab(runner: CliRunner, lab: Any) -> None:
+    result = invoke(runner, "devices", "--url", lab.url)
+    assert result.exit_code == 0, result.output
+    for device_id, device_type in (
+        ("laser1", "SimLaser"),
+        ("pm1", "SimPowerMeter"),
+        ("daq1", "SimDAQ"),
+    ):
+        assert device_id in result.output
+        assert device_type in result.output
+    assert "connected" in result.output
+
+
+def test_url_from_environment(runner: CliRunner, lab: Any) -> None:
+    result = runner.invoke(app, ["devices"], env={**ENV, "LABD_URL": lab.url})
+    assert result.exit_code == 0, result.output
+    assert "laser1" in result.output
+
+
+def test_call_set_then_get_wavelength(runner: CliRunner, lab: Any) -> None:
+    result = invoke(runner, "call", "laser1", "set_wavelength", "1550", "--url", lab.url)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "null"
+    result = invoke(runner, "call", "laser1", "get_wavelength", "--url", lab.url)
+    assert result.exit_code == 0, result.output
+    assert float(result.output) == 1550.0
+    result = invoke(runner, "call", "laser1", "set_wavelength", "nm=1549.5", "--url", lab.url)
+    assert result.exit_code == 0, result.output
+    assert lab.daemon.get_device("laser1").get_wavelength() == 1549.5
+
+
+def test_methods_table(runner: CliRunner, lab: Any) -> None:
+    result = invoke(runner, "methods", "laser1", "--url", lab.url)
+    assert result.exit_code == 0, result.output
+    assert "set_wavelength" in result.output
+    assert "command" in result.output and "query" in result.output
+
+
+def test_run_follow_completes_and_prints_the_result(runner: CliRunner, lab: Any) -> None:
+    result = invoke(
+        runner,
+        "run",
+        "WavelengthSweep",
+        "laser_id=laser1",
+        "detector_id=pm1",
+        "start_wl=1549",
+        "stop_wl=1551",
+        "steps=5",
+        "--id",
+        "sweepA",
+        "--follow",
+        "--url",
+        lab.url,
+    )
+    assert result.exit_code == 0, result.output
+    assert "started task 'sweepA'" in result.output
+    assert "completed" in result.output
+    assert "wavelength" in result.output and "power" in result.output
+    assert "1551" in result.output
+    tasks = invoke(runner, "tasks", "--url", lab.url)
+    assert tasks.exit_code == 0, tasks.output
+    assert "sweepA" in tasks.output and "completed" in tasks.output
+
+
+def test_run_then_cancel(runner: CliRunner, lab: Any) -> None:
+    result = invoke(
+        runner,
+        "run",
+        "WavelengthSweep",
+        "laser_id=laser1",
+        "detector_id=pm1",
+        "start_wl=1545",
+        "stop_wl=1555",
+        "steps=100000",
+        "dwell=0.01",
+        "--id",
+        "long1",
+        "--url",
+        lab.url,
+    )
+    assert result.exit_code == 0, result.output
+    assert "labd cancel long1" in result.output
+    result = invoke(runner, "cancel", "long1", "--url", lab.url)
+    assert result.exit_code == 0, result.output
+    assert "cancellation_requested" in result.output
+    handle = lab.daemon.get_task("long1")
+    with pytest.raises(Exception, match="cancel"):
+        handle.wait(timeout=TASK_TIMEOUT_S)
+    tasks = invoke(runner, "tasks", "--url", lab.url)
+    assert "long1" in tasks.output and "cancelled" in tasks.output
+
+
+def test_command_to_a_device_owned_by_a_task_is_refused(runner: CliRunner, lab: Any) -> None:
+    handle = lab.daemon.execute_task(
+        "owner1",
+        "WavelengthSweep",
+        laser_id="laser1",
+        detector_id="pm1",
+        start_wl=1545.0,
+        stop_wl=1555.0,
+        steps=100000,
+        dwell=0.01,
+    )
+    try:
+        result = invoke(runner, "call", "laser1", "set_wavelength", "1550", "--url", lab.url)
+        assert_one_line_error(result, "owner1")
+        # Queries stay allowed for everyone.
+        assert invoke(runner, "call", "laser1", "get_wavelength", "--url", lab.url).exit_code == 0
+    finally:
+        handle.cancel()
+    with pytest.raises(Exception, match="cancel"):
+        handle.wait(timeout=TASK_TIMEOUT_S)
+
+
+def test_unknown_device_is_one_line(runner: CliRunner, lab: Any) -> None:
+    result = invoke(runner, "call", "nope", "get_power", "--url", lab.url)
+    assert result.exit_code == 1
+    assert_one_line_error(result, "nope", "laser1")
+
+
+def test_unknown_method_and_bad_arguments(runner: CliRunner, lab: Any) -> None:
+    result = invoke(runner, "call", "laser1", "get_colour", "--url", lab.url)
+    assert_one_line_error(result, "get_colour", "get_wavelength")
+    result = invoke(runner, "call", "laser1", "set_wavelength", "1", "2", "3", "--url", lab.url)
+    assert_one_line_error(result, "set_wavelength")
+    result = invoke(runner, "call", "laser1", "set_wavelength", "abc", "--url", lab.url)
+    assert_one_line_error(result, "abc")
+
+
+def test_bad_task_words_and_unknown_task_type(runner: CliRunner, lab: Any) -> None:
+    result = invoke(runner, "run", "WavelengthSweep", "steps", "--url", lab.url)
+    assert result.exit_code == 2
+    assert_one_line_error(result, "key=value", "'steps'")
+    result = invoke(runner, "run", "NoSuchTask", "--url", lab.url)
+    assert_one_line_error(result, "NoSuchTask", "WavelengthSweep")
+
+
+def test_server_down_is_one_clear_line(runner: CliRunner, refused_url: str) -> None:
+    for args in (["devices"], ["tasks"], ["call", "laser1", "get_wavelength"], ["cancel", "x"]):
+        result = invoke(runner, *args, "--url", refused_url)
+        assert result.exit_code == 1
+        assert_one_line_error(result, f"cannot reach labd at {refused_url}", "`labd serve`")
+
+
+def test_watch_polls_a_query(runner: CliRunner, lab: Any) -> None:
+    result = invoke(runner, "watch", "pm1", "--count", "3", "--interval", "0.01", "--url", lab.url)
+    assert result.exit_code == 0, result.output
+    assert "get_power()" in result.output
+    assert "pm1: 3 updates" in result.output
+
+
+def test_watch_follows_a_stream(runner: CliRunner, lab: Any) -> None:
+    result = invoke(runner, "watch", "daq1", "--count", "3", "--url", lab.url)
+    assert result.exit_code == 0, result.output
+    assert "/stream/devices/daq1" in result.output
+    assert "daq1: 3 updates" in result.output
+    assert "samples" in result.output
+
+
+def test_watch_unknown_device(runner: CliRunner, lab: Any) -> None:
+    assert_one_line_error(invoke(runner, "watch", "ghost", "--url", lab.url), "ghost")
+
+
+# ---------------------------------------------------------------------- demo
+def test_demo_no_wait_sweeps_through_the_client(runner: CliRunner) -> None:
+    result = invoke(runner, "demo", "--port", "0", "--steps", "21", "--dwell", "0", "--no-wait")
+    assert result.exit_code == 0, result.output
+    assert "resonance at 1550.000 nm" in result.output
+    assert "dashboard: http://127.0.0.1:" in result.output
+    assert "/docs" in result.output
+    assert any(char in result.output for char in "▁▂▃")
+
+
+def test_demo_moves_off_a_busy_port(runner: CliRunner, busy_port: int) -> None:
+    result = invoke(
+        runner, "demo", "--port", str(busy_port), "--steps", "3", "--dwell", "0", "--no-wait"
+    )
+    assert result.exit_code == 0, result.output
+    assert f"port {busy_port} is busy" in result.output
+    assert f"127.0.0.1:{busy_port}" not in result.output
+
+
+# ---------------------------------------------------------------------- serve
+def test_serve_bad_config_exits_2_with_one_line(runner: CliRunner, tmp_path: Path) -> None:
+    config = tmp_path / "lab.toml"
+    config.write_text('[devices.laser1]\ntype = "nosuchpkg_cli.drivers:Laser"\n')
+    result = invoke(runner, "serve", str(config), "--port", "0")
+    assert result.exit_code == 2
+    assert_one_line_error(result, str(config), "devices.laser1.type", "nosuchpkg_cli")
+
+
+def test_serve_busy_port_exits_1(runner: CliRunner, busy_port: int) -> None:
+    result = invoke(runner, "serve", "--demo", "--port", str(busy_port))
+    assert result.exit_code == 1
+    assert_one_line_error(result, f"127.0.0.1:{busy_port}", "already in use", "--port")
+
+
+def _read_lines(stream: Any, lines: queue.Queue[str]) -> None:
+    for line in iter(stream.readline, ""):
+        lines.put(line)
+
+
+def _wait_for_line(lines: queue.Queue[str], text: str, seen: list[str]) -> str:
+    """The first line containing ``text``; fail (with what was seen) after the timeout."""
+    while True:
+        try:
+            line = lines.get(timeout=SERVE_START_TIMEOUT_S)
+        except queue.Empty:
+            pytest.fail(
+                f"labd serve printed no line with {text!r} in {SERVE_START_TIMEOUT_S} s; "
+                f"output: {''.join(seen)!r}"
+            )
+        seen.append(line)
+        if text in line:
+            return line
+
+
+def test_serve_subprocess_answers_then_stops_on_sigint() -> None:
+    from labd.client import ServerAPI
+
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "labd.cli", "serve", "--demo", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        banner = _wait_for_line(lines, "labd serving", seen)
+        url = banner.split(" at ")[-1].strip()
+        assert url.startswith("http://127.0.0.1:")
+        with ServerAPI(url, timeout=10.0) as api:
+            assert api.health()["status"] == "healthy"
+            assert api.call("laser1", "get_wavelength") == 1550.0
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=SERVE_STOP_TIMEOUT_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=SERVE_STOP_TIMEOUT_S)
+        reader.join(timeout=SERVE_STOP_TIMEOUT_S)
+        if process.stdout is not None:
+            process.stdout.close()
+    while not lines.empty():
+        seen.append(lines.get_nowait())
+    output = "".join(seen)
+    assert "Traceback" not in output
+    assert "labd stopped" in output
+
+
+def test_ctrl_c_while_following_cancels_the_run(lab: Any) -> None:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("LABD_URL", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "labd.cli",
+            "run",
+            "WavelengthSweep",
+            "laser_id=laser1",
+            "detector_id=pm1",
+            "start_wl=1545",
+            "stop_wl=1555",
+            "steps=100000",
+            "dwell=0.01",
+            "--id",
+            "followed1",
+            "--follow",
+            "--url",
+            lab.url,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        _wait_for_line(lines, "started task 'followed1'", seen)
+        # stdin is not a terminal, so Ctrl-C cancels without asking.
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=SERVE_STOP_TIMEOUT_S) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=SERVE_STOP_TIMEOUT_S)
+        reader.join(timeout=SERVE_STOP_TIMEOUT_S)
+        if process.stdout is not None:
+            process.stdout.close()
+    while not lines.empty():
+        seen.append(lines.get_nowait())
+    output = "".join(seen)
+    assert "Traceback" not in output
+    assert "Cancellation of task 'followed1' requested" in output
+    assert lab.daemon.get_task("followed1").info()["status"] == "cancelled"
