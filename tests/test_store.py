@@ -328,3 +328,24 @@ def test_store_writes_never_run_on_the_task_thread(tmp_path: Path) -> None:
         store._write_batch = original  # type: ignore[method-assign]
         assert store.flush(timeout=30)
         assert daemon.get_run("emit")["progress"]["done"] == 2000
+
+
+def test_size_cap_deletes_the_oldest_finished_runs(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    store = RunStore(db, max_bytes=256 * 1024)
+    with ld.LabDaemon(store=store) as daemon:
+        daemon.register_plugins(tasks={"Emitter": Emitter})
+        for i in range(60):
+            daemon.execute_task(f"e{i}", "Emitter", steps=200).wait(timeout=30)
+        store.flush()
+        store._last_cap_check = 0.0
+        store._enforce_cap()  # what the writer does every few seconds
+        kept = [r["task_id"] for r in daemon.runs(limit=100)]
+        assert store._file_bytes() <= 256 * 1024
+        assert kept and kept[0] == "e59" and "e0" not in kept
+    store.close()
+
+
+def test_size_cap_must_be_sensible(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="at least 65536"):
+        RunStore(tmp_path / "x.db", max_bytes=10)

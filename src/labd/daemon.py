@@ -33,6 +33,7 @@ from labd.errors import (
     InvalidArgumentError,
     UnknownDeviceError,
     UnknownDeviceTypeError,
+    UnknownLeaseError,
     UnknownTaskError,
     UnknownTaskTypeError,
     describe_choices,
@@ -783,8 +784,8 @@ class LabDaemon:
         """The active lease with that id."""
         lease = self._claims.get_lease(lease_id)
         if lease is None:
-            raise UnknownDeviceError(
-                f"No active lease {lease_id!r}. Active leases: "
+            raise UnknownLeaseError(
+                f"No active lease {lease_id!r} (it may have expired or been released). Active leases: "
                 f"{describe_choices(lease.lease_id for lease in self._claims.leases())}."
             )
         return lease
@@ -818,7 +819,8 @@ class LabDaemon:
         """
         slot = self._slot(device)
         return self._streams.subscribe(
-            slot, callback, maxsize or self.stream_maxsize, on_ready, stream_params, pinned=False
+            slot, callback, self.stream_maxsize if maxsize is None else maxsize, on_ready,
+            stream_params, pinned=False
         )
 
     def start_streaming(self, device: Any, callback: Callable[[Any], object], **stream_params: Any) -> Subscription:

@@ -117,19 +117,38 @@ class DeviceStreams:
         self._daemon._publish_event({"event": "stream_started", "device_id": slot.device_id})
         return sub
 
-    def stop(self, slot: DeviceSlot, timeout: float | None) -> list[str]:
-        """Stop the device's stream and end every subscription; returns stuck subscriber names."""
+    def stop(
+        self, slot: DeviceSlot, timeout: float | None, *, if_unused: StreamHub | None = None
+    ) -> list[str]:
+        """Stop the device's stream and end every subscription; returns stuck subscriber names.
+
+        With ``if_unused=hub`` it stops only if that hub is still the live one, unpinned and
+        without subscribers, decided atomically with respect to :meth:`subscribe`.
+        """
         state = self._state(slot)
         with state.lock:
             hub = state.hub
             if hub is None:
                 return []
+            if if_unused is not None and (
+                hub is not if_unused or state.pinned or hub.subscriptions
+            ):
+                return []
             state.hub = None
             state.pinned = False
-        self._stop_device(slot, timeout)
+            try:
+                # Under the lock: the device is stopped before a new subscriber may restart it.
+                self._stop_device(slot, timeout)
+            finally:
+                # Detached either way, so subscribers must hear that the stream ended even when
+                # the driver's stop failed; otherwise their delivery threads wait forever.
+                stuck = self._end_hub(slot, hub, timeout)
+        return [sub.name for sub in stuck]
+
+    def _end_hub(self, slot: DeviceSlot, hub: StreamHub, timeout: float | None) -> list[Subscription]:
         stuck = hub.close(timeout=timeout)
         self._daemon._publish_event({"event": "stream_stopped", "device_id": slot.device_id})
-        return [sub.name for sub in stuck]
+        return stuck
 
     def _stop_device(self, slot: DeviceSlot, timeout: float | None) -> None:
         stop = slot.originals["stop_streaming"]
@@ -154,11 +173,8 @@ class DeviceStreams:
             return
 
         def stop_if_still_unused() -> None:
-            with state.lock:
-                if state.hub is not hub or state.pinned or hub.subscriptions:
-                    return
             try:
-                self.stop(slot, timeout=1.0)
+                self.stop(slot, timeout=1.0, if_unused=hub)
             except Exception:
                 pass  # recorded as the device's error by stop()
 

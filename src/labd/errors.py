@@ -17,7 +17,8 @@ Exceptions are split by who must act::
     ├── DaemonClosedError              the daemon was shut down
     └── (also ValueError) UnknownNameError   an id or type that does not exist
             ├── UnknownDeviceError, UnknownDeviceTypeError
-            └── UnknownTaskError, UnknownTaskTypeError
+            ├── UnknownTaskError, UnknownTaskTypeError
+            └── UnknownLeaseError
         (also ValueError) InvalidArgumentError    bad input: duplicate ids, bad plugins, bad device_ids
 
 ``UnknownNameError`` and ``InvalidArgumentError`` subclass ``ValueError`` so LabDaemon scripts that
@@ -52,6 +53,7 @@ __all__ = [
     "TaskFailedError",
     "UnknownDeviceError",
     "UnknownDeviceTypeError",
+    "UnknownLeaseError",
     "UnknownNameError",
     "UnknownTaskError",
     "UnknownTaskTypeError",
@@ -147,6 +149,10 @@ class UnknownTaskError(UnknownNameError):
 
 class UnknownTaskTypeError(UnknownNameError):
     """No task class registered under that name."""
+
+
+class UnknownLeaseError(UnknownNameError):
+    """No active lease with that id (it may have expired, been released or broken)."""
 
 
 class InvalidArgumentError(LabDaemonException, ValueError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from labd.deadlines import DeadlineTimer, TimerHandle
-from labd.errors import DeviceBusyError, LeaseError, iso_from_timestamp
+from labd.errors import DeviceBusyError, InvalidArgumentError, LeaseError, iso_from_timestamp
 
 __all__ = [
     "Actor",
@@ -352,6 +352,14 @@ class ClaimRegistry:
 
     def renew_lease(self, lease: Lease, ttl: float | None) -> None:
         """Extend an active lease; raises :class:`LeaseError` if it already ended."""
+        # Check before touching the old deadline: a bad ttl must leave the lease as it was.
+        if ttl is not None and (
+            not isinstance(ttl, int | float) or isinstance(ttl, bool) or not ttl > 0
+        ):
+            raise InvalidArgumentError(
+                f"ttl must be a positive number of seconds or None, got {ttl!r}; "
+                f"{lease.label} is unchanged."
+            )
         if not lease.active:
             raise LeaseError(
                 f"{lease.label} is {lease.status}"
@@ -404,15 +412,22 @@ class ClaimRegistry:
                     busy.append(_busy_entry(device_id, holder, since))
         if busy or not reserved_by_queue:
             return busy
-        # Fairness: devices wanted by an earlier waiting claim are reserved for it.
+        # Fairness: free devices wanted by an earlier waiting claim are reserved for it. A device
+        # held by an owner that lets ``owner`` nest (an ancestor task, a lease of the same
+        # principal) is not: the waiter cannot get it before that holder ends, and the holder
+        # may be waiting for this very claim (a parent waiting for its child).
+        free = self._free(ids)
         for pending in self._pending:
             if pending.owner is owner:
                 break
-            for device_id in set(pending.device_ids) & set(ids):
+            for device_id in set(pending.device_ids) & free:
                 entry = _busy_entry(device_id, pending.owner, pending.queued_at)
                 entry["owner_kind"] = "pending"
                 busy.append(entry)
         return busy
+
+    def _free(self, ids: tuple[str, ...]) -> set[str]:
+        return {device_id for device_id in ids if not self._stacks.get(device_id)}
 
     def _grant(self, owner: Owner, ids: tuple[str, ...]) -> None:
         now = time.time()
@@ -441,7 +456,7 @@ class ClaimRegistry:
             reserved: set[str] = set()
             for pending in list(self._pending):
                 wanted = set(pending.device_ids)
-                if not wanted & reserved and not self._conflicts(
+                if not self._free(pending.device_ids) & reserved and not self._conflicts(
                     pending.owner, pending.device_ids, reserved_by_queue=False
                 ):
                     self._pending.remove(pending)

@@ -104,11 +104,17 @@ class RunStore:
         max_emit_bytes: int = 64 * 1024,
         array_threshold: int = 256 * 1024,
         create_dirs: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self.path = Path(path).expanduser()
         self.files_dir = self.path.with_name(self.path.name + ".files")
         self.max_emit_bytes = max_emit_bytes
         self.array_threshold = array_threshold
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 64 * 1024):
+            raise StoreError(f"max_bytes must be an integer of at least 65536 (64 KiB), got {max_bytes!r}")
+        #: Size cap: the writer deletes the oldest finished runs when the database grows past it.
+        self.max_bytes = max_bytes
+        self._last_cap_check = 0.0
         self.degraded_reason: str | None = None
         self.dropped_records = 0
         self.written_records = 0
@@ -278,6 +284,20 @@ class RunStore:
             self._write_batch([entry for entry in batch if entry is not None])
             if stop:
                 return
+            self._enforce_cap()
+
+    def _enforce_cap(self) -> None:
+        """On the writer thread, at most every 5 s: keep the file under ``max_bytes``."""
+        if self.max_bytes is None or time.monotonic() - self._last_cap_check < 5.0:
+            return
+        self._last_cap_check = time.monotonic()
+        try:
+            if self._file_bytes() > self.max_bytes:
+                deleted = self._shrink_to(self.max_bytes, None)
+                log.info("labd run store %s: deleted %d oldest runs to stay under %d bytes",
+                         self.path, deleted, self.max_bytes)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("labd run store %s: size cap not applied: %s", self.path, exc)
 
     def _write_batch(self, batch: list[tuple[Any, ...]]) -> None:
         waiters = [entry[2] for entry in batch if entry[0] == "flush"]
@@ -510,15 +530,26 @@ class RunStore:
             cutoff = time.time() - older_than
             deleted += self._delete_where("finished_at IS NOT NULL AND finished_at < ?", (cutoff,), progress)
         if max_bytes is not None:
-            while self._file_bytes() > max_bytes:
-                n = self._delete_where(
-                    "uid IN (SELECT uid FROM runs WHERE status NOT IN ('pending','running','paused')"
-                    " ORDER BY uid LIMIT 500)", (), progress)
-                if n == 0:
-                    break
-                deleted += n
-                self._vacuum()
+            deleted += self._shrink_to(max_bytes, progress)
         self._vacuum()
+        return deleted
+
+    def _shrink_to(self, max_bytes: int, progress: Callable[[int], None] | None) -> int:
+        # Live bytes exclude free pages, so we can measure after each small delete and VACUUM
+        # (which rewrites the whole file) only once at the end.
+        deleted = 0
+        with self._read() as conn:
+            total = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        step = max(1, min(500, total // 20))  # 5 % of the runs at a time: never far past the cap
+        while self._file_bytes() > max_bytes:
+            n = self._delete_where(
+                "uid IN (SELECT uid FROM runs WHERE status NOT IN ('pending','running','paused')"
+                f" ORDER BY uid LIMIT {step})", (), progress)
+            if n == 0:
+                break
+            deleted += n
+        if deleted:
+            self._vacuum()
         return deleted
 
     def _delete_where(self, where: str, args: tuple[Any, ...], progress: Callable[[int], None] | None) -> int:
