@@ -44,3 +44,20 @@ def _group_of(name: str) -> str:
             return group
     valid = sorted(set(GROUPS) | {m for ms in GROUPS.values() for m in ms})
     raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(valid)}")
+
+
+def parse_cpus(text: str) -> set[int]:
+    """CPU numbers from ``"0"``, ``"0,1"`` or ``"0-3"`` (the ``taskset -c`` syntax).
+
+    Raises ValueError saying what was wrong and what is valid.
+    """
+    cpus: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        cpus.clear()
+    if not cpus or min(cpus) < 0:
+        raise ValueError(f"bad CPU list {text!r}; write it like taskset -c: 0 or 0,1 or 0-3")
+    return cpus

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import select_groups
+from _common import parse_cpus, select_groups
 from rich.console import Console
 from rich.table import Table
 
@@ -33,7 +33,7 @@ LABDAEMON_PIN = "labdaemon==1.0.1"
 LABDAEMON_VENV = BENCH_DIR / ".venv-labdaemon"
 # Written only after the install is verified, so a half-made venv is redone.
 LABDAEMON_STAMP = LABDAEMON_VENV / f".installed-{LABDAEMON_PIN.replace('==', '-')}"
-CHILD_TIMEOUT_S = 900.0  # a hung daemon must not hang `make bench` forever
+CHILD_TIMEOUT_S = 120.0  # one group takes ~10 s; a hung daemon must not hang `make bench`
 
 # Piped output (make, CI logs) would otherwise wrap the table at 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
@@ -166,7 +166,7 @@ def labd_env() -> dict[str, str]:
 
 
 def run_child(
-    python: Path | str, impl: str, group: str, quick: bool, env: dict[str, str] | None
+    python: Path | str, impl: str, group: str, args: argparse.Namespace, env: dict[str, str] | None
 ) -> Run:
     """Run one benchmark group of core.py for one implementation.
 
@@ -174,7 +174,8 @@ def run_child(
     dies or hangs without printing its figures.
     """
     cmd = [str(python), str(CORE), "--impl", impl, "--only", group]
-    cmd += ["--quick"] if quick else []
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--cpus", args.cpus] if args.cpus else []
     try:
         done = subprocess.run(
             cmd, env=env, cwd=BENCH_DIR, stdout=subprocess.PIPE, text=True, timeout=CHILD_TIMEOUT_S
@@ -209,7 +210,7 @@ def merge(into: Run, child: Run) -> None:
         into[key].update(child[key])
 
 
-def measure(impls: list[str], groups: list[str], quick: bool) -> dict[str, Run]:
+def measure(impls: list[str], groups: list[str], args: argparse.Namespace) -> dict[str, Run]:
     """Every group for every implementation, one child process each.
 
     Groups are interleaved (LabDaemon then labd for each group) so that a
@@ -227,7 +228,7 @@ def measure(impls: list[str], groups: list[str], quick: bool) -> dict[str, Run]:
         for impl, (python, env) in ready.items():
             console.print(f"[bold]{group}[/]: {impl}")
             try:
-                merge(runs[impl], run_child(python, impl, group, quick, env))
+                merge(runs[impl], run_child(python, impl, group, args, env))
             except (RuntimeError, OSError, ValueError) as exc:
                 console.print(f"[red]{exc}[/]")
                 runs[impl]["errors"][group] = str(exc)
@@ -283,6 +284,7 @@ def print_environment(runs: list[Run]) -> None:
             f"python {env['python']} ({env['implementation']}), {env['machine']}, {env['cpu_count']} CPUs, "
             f"numpy {env['numpy']}, {env['platform']}"
         )
+        console.print(f"benchmark processes ran on CPUs {env.get('cpus')}")
     for run in runs:
         if run["env"]:
             console.print(f"  {run['impl']} {run['env']['impl_version']}")
@@ -331,6 +333,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--impl", choices=("both", "labd", "labdaemon"), default="both", help="which side to run"
     )
     parser.add_argument(
+        "--cpus",
+        help="pin each benchmark process to these CPUs, e.g. 0 (taskset -c syntax); "
+        "one CPU removes cross-core wake-ups, the largest source of run-to-run noise",
+    )
+    parser.add_argument(
         "--json", type=Path, metavar="OUT", help="also write every figure to this JSON file"
     )
     return parser.parse_args(argv)
@@ -340,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         groups = select_groups(args.only)  # fail fast, before building a venv
+        if args.cpus:
+            parse_cpus(args.cpus)
     except ValueError as exc:
         console.print(f"[red]{exc}[/]")
         return 2
     impls = ["labdaemon", "labd"] if args.impl == "both" else [args.impl]
-    runs = measure(impls, groups, args.quick)
+    runs = measure(impls, groups, args)
     labdaemon, labd = runs.get("labdaemon", new_run("")), runs.get("labd", new_run(""))
     rows = build_rows(labdaemon, labd)
     print_environment(list(runs.values()))

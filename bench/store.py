@@ -60,7 +60,9 @@ def progress_rate(db: Path | None, steps: int, paced: bool) -> tuple[float, int 
     daemon = _daemon(db)
     try:
         start = time.perf_counter()
-        handles = [daemon.execute_task(None, "Progress", steps=steps, paced=paced) for _ in range(8)]
+        handles = [
+            daemon.execute_task(None, "Progress", steps=steps, paced=paced) for _ in range(8)
+        ]
         for handle in handles:
             handle.wait(timeout=600)
         elapsed = time.perf_counter() - start
@@ -68,7 +70,9 @@ def progress_rate(db: Path | None, steps: int, paced: bool) -> tuple[float, int 
         if daemon.store is not None:
             daemon.store.flush(timeout=120)
             conn = sqlite3.connect(daemon.store.path)
-            stored = conn.execute("SELECT COUNT(*) FROM run_events WHERE kind='progress'").fetchone()[0]
+            stored = conn.execute(
+                "SELECT COUNT(*) FROM run_events WHERE kind='progress'"
+            ).fetchone()[0]
             conn.close()
     finally:
         daemon.shutdown()

@@ -43,9 +43,9 @@ __all__ = [
     "UnsupportedDataError",
     "capture_metadata",
     "dumps_json",
-    "loads_json",
     "load_hdf5",
     "load_json",
+    "loads_json",
     "save_hdf5",
     "save_json",
 ]
