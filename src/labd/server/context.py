@@ -1,0 +1,112 @@
+"""What every route handler needs: the daemon, settings, the offloader, metrics, shutdown.
+
+One :class:`ServerContext` per app lives on ``app.state.labd``; handlers get it through the
+``Ctx`` dependency (see :mod:`labd.server.models`). It also keeps the per-device count of calls
+that outlived their request timeout, which drives ``DeviceInfo.unresponsive``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from starlette.requests import Request
+
+from labd.errors import LabDaemonException, UnknownNameError
+from labd.server.errors import device_fault
+from labd.server.metrics import ServerMetrics
+from labd.server.offload import Offloader
+from labd.server.shutdown import ShutdownSignal
+
+if TYPE_CHECKING:
+    from labd.daemon import LabDaemon
+
+__all__ = ["ServerContext", "ServerSettings", "get_context", "guard_device_code"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Tunables of one server app."""
+
+    request_timeout: float = 30.0  # seconds a request may wait for a worker before a 504
+    max_body_bytes: int = 16 * 2**20  # larger request bodies get 413
+    cors_origins: tuple[str, ...] | None = None  # None: no CORS headers at all
+    stream_ping: float = 15.0  # seconds between keep-alive comments on SSE streams
+    stream_send_timeout: float = 30.0  # a client that accepts no bytes this long is dropped
+    stream_maxsize: int = 1000  # default per-client stream buffer (items)
+
+
+class ServerContext:
+    """Shared state of one server app; see the module docstring."""
+
+    def __init__(self, daemon: LabDaemon, settings: ServerSettings) -> None:
+        self.daemon = daemon
+        self.settings = settings
+        self.shutdown = ShutdownSignal()
+        self.offloader = Offloader(self.shutdown)
+        self.metrics = ServerMetrics(daemon)
+        self.started_at = time.monotonic()
+        self.endpoints: dict[str, str] = {}  # name -> "METHOD /path", for GET /
+        self._late: dict[str, int] = {}
+        self._late_lock = threading.Lock()
+
+    def timeout(self, override: float | None) -> float:
+        """The request timeout: the ``?timeout=`` override or the server default."""
+        return self.settings.request_timeout if override is None else override
+
+    async def run(self, fn: Callable[[], T], *, what: str, timeout: float | None = None) -> T:
+        """Run ``fn`` on a worker thread within the request timeout (no device flagging)."""
+        return await self.offloader.run(fn, timeout=self.timeout(timeout), what=what)
+
+    async def run_for_device(
+        self, device_id: str, fn: Callable[[], T], *, what: str, timeout: float | None = None,
+    ) -> T:
+        """Run device code on a worker; past the timeout answer 504 and flag the device.
+
+        The flag (``DeviceInfo.unresponsive``) clears when the last late call on it ends.
+        """
+        return await self.offloader.run(
+            fn, timeout=self.timeout(timeout), what=what,
+            on_timeout=lambda: self._count_late(device_id, +1),
+            on_late=lambda: self._count_late(device_id, -1),
+        )
+
+    def _count_late(self, device_id: str, delta: int) -> None:
+        with self._late_lock:
+            count = max(self._late.get(device_id, 0) + delta, 0)
+            if count:
+                self._late[device_id] = count
+            else:
+                self._late.pop(device_id, None)
+            with contextlib.suppress(UnknownNameError):
+                self.daemon._slot(device_id).unresponsive = count > 0
+
+    def known_method(self, device_id: str, method: Any) -> tuple[str, str]:
+        """Metric labels for a call: real names, or ``(unknown)`` so bad input cannot add series."""
+        try:
+            slot = self.daemon._slot(device_id)
+        except (UnknownNameError, TypeError):
+            return "(unknown)", "(unknown)"
+        return device_id, method if isinstance(method, str) and method in slot.originals else "(unknown)"
+
+
+def get_context(request: Request) -> ServerContext:
+    """The :class:`ServerContext` of the app serving ``request``."""
+    context: ServerContext = request.app.state.labd
+    return context
+
+
+def guard_device_code(fn: Callable[[], T], device_id: str, action: str) -> T:
+    """Call ``fn``; a non-labd exception from device code becomes ``DeviceOperationError`` (502)."""
+    try:
+        return fn()
+    except LabDaemonException:
+        raise
+    except Exception as exc:
+        raise device_fault(exc, device_id, action) from exc

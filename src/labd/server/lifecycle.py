@@ -1,0 +1,253 @@
+"""Run the app with uvicorn on a background thread (or the main one) and stop it in bounded time.
+
+``start()`` binds the listening socket itself (so ``port=0`` gives a free port that is known
+before the first request) and hands it to ``uvicorn.Server.run`` on a thread named
+``labd-server-<port>``. uvicorn only installs signal handlers on the main thread, so a
+background server leaves the host program's Ctrl+C alone. ``stop()`` first sets the app's
+shutdown signal (every SSE stream ends, every request still waiting for a worker answers 503),
+then asks uvicorn to exit and joins the thread, forcing the exit if the deadline nears.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+from labd.errors import InvalidArgumentError
+from labd.server.app import create_app
+from labd.server.context import ServerContext, ServerSettings
+
+if TYPE_CHECKING:
+    from labd.daemon import LabDaemon
+
+__all__ = ["LabDaemonServer"]
+
+log = logging.getLogger("labd.server")
+
+#: Seconds uvicorn waits for open requests after stop() before cancelling them.
+GRACEFUL_SHUTDOWN_S = 1
+#: Seconds start() waits for uvicorn to come up.
+STARTUP_TIMEOUT_S = 15.0
+
+
+class ServerState(enum.Enum):
+    """Lifecycle of a :class:`LabDaemonServer`."""
+
+    NEW = "new"  # constructed; start() not called yet
+    RUNNING = "running"  # uvicorn serves requests on self.port
+    STOPPED = "stopped"  # stop() ran (or start failed); make a new server to serve again
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn.Server that reports when startup ended and chains signal exits to ``on_exit``."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+        self._on_exit = on_exit
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.ready.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets=sockets)
+        # Connections still open after the graceful period (a client that stopped reading)
+        # are closed here, while the loop still runs, instead of leaking with it.
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.close()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Ctrl+C on a blocking server: end the streams first, or uvicorn waits for them.
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def _check_settings(
+    host: object, port: object, request_timeout: object, max_body_bytes: object,
+) -> None:
+    if not isinstance(host, str) or not host:
+        raise InvalidArgumentError(f"host must be an address such as '127.0.0.1', got {host!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"port must be an integer 0..65535 (0 picks a free one), got {port!r}")
+    if not isinstance(request_timeout, int | float) or isinstance(request_timeout, bool) or request_timeout <= 0:
+        raise InvalidArgumentError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
+    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 0:
+        raise InvalidArgumentError(f"max_body_bytes must be an integer >= 0, got {max_body_bytes!r}")
+
+
+class LabDaemonServer:
+    """Serve a :class:`labd.LabDaemon` over HTTP and Server-Sent Events (docs/http-api.md).
+
+    Binds to 127.0.0.1 by default: labd has no authentication, so expose it to a network only
+    behind something that has. ``port=0`` picks a free port; read it back from :attr:`port`.
+
+    Example::
+
+        server = LabDaemonServer(daemon, port=0)
+        server.start()
+        print(server.url)          # http://127.0.0.1:54321
+        ...
+        server.stop()
+    """
+
+    def __init__(
+        self,
+        daemon: LabDaemon,
+        host: str = "127.0.0.1",
+        port: int = 5000,
+        *,
+        request_timeout: float = 30.0,
+        max_body_bytes: int = 16 * 2**20,
+        cors_origins: Iterable[str] | None = None,
+        stream_ping: float = 15.0,
+        log_level: str = "warning",
+    ) -> None:
+        _check_settings(host, port, request_timeout, max_body_bytes)
+        origins = None if cors_origins is None else tuple(cors_origins)
+        if origins is not None and not all(isinstance(o, str) for o in origins):
+            raise InvalidArgumentError(f"cors_origins must be strings such as 'http://localhost:3000', got {origins!r}")
+        self.daemon = daemon
+        self.host = host
+        self.port = port
+        self.log_level = log_level
+        settings = ServerSettings(request_timeout=float(request_timeout), max_body_bytes=max_body_bytes,
+                                  cors_origins=origins, stream_ping=stream_ping)
+        self.app = create_app(daemon, settings)
+        self._context: ServerContext = self.app.state.labd
+        self._state = ServerState.NEW
+        self._lock = threading.Lock()
+        self._server: _Uvicorn | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:5000`` (the real port once started)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def state(self) -> ServerState:
+        """Where the server is in its lifecycle."""
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """True between a successful :meth:`start` and :meth:`stop`."""
+        return self._state is ServerState.RUNNING
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if os.name != "nt":  # on Windows SO_REUSEADDR would let two servers share a port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(2048)
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno, f"labd server cannot listen on {self.host}:{self.port}: {exc.strerror}. "
+                "Stop what uses that port, or pick another one (port=0 picks a free one)."
+            ) from exc
+        self.port = int(sock.getsockname()[1])
+        return sock
+
+    def start(self, blocking: bool = False) -> None:
+        """Start serving. ``blocking=True`` serves on this thread until Ctrl+C or :meth:`stop`.
+
+        Raises ``OSError`` if the address is taken, ``RuntimeError`` if uvicorn fails to start.
+        """
+        with self._lock:
+            if self._state is not ServerState.NEW:
+                raise RuntimeError(f"This server is {self._state.value}; a server starts once. "
+                                   "Create a new LabDaemonServer to serve again.")
+            sock = self._bind()
+            config = uvicorn.Config(
+                self.app, host=self.host, port=self.port, log_level=self.log_level,
+                log_config=None, access_log=False, lifespan="on", ws="none",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+            server = self._server = _Uvicorn(config, self._context.shutdown.set)
+            self._state = ServerState.RUNNING
+        if blocking:
+            try:
+                server.run(sockets=[sock])
+            except KeyboardInterrupt:
+                # uvicorn re-raises the Ctrl+C it handled gracefully; the server has stopped,
+                # so return normally and let the caller shut its daemon down.
+                if not server.should_exit:
+                    raise
+            finally:
+                sock.close()
+                self._finish(time.monotonic() + 1.0)
+            return
+        self._thread = threading.Thread(
+            target=self._serve, args=(server, sock), name=f"labd-server-{self.port}", daemon=True)
+        self._thread.start()
+        if not server.ready.wait(STARTUP_TIMEOUT_S) or not server.started:
+            self.stop(timeout=2.0)
+            raise RuntimeError(f"The labd server on {self.url} did not start; see the log above.")
+        log.info("labd server listening on %s", self.url)
+
+    @staticmethod
+    def _serve(server: _Uvicorn, sock: socket.socket) -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException:  # SystemExit from a failed startup must not vanish silently
+            log.exception("labd server thread ended with an error")
+        finally:
+            server.ready.set()
+            sock.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End every stream, stop uvicorn and join its thread within ``timeout``. Idempotent."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._state is ServerState.STOPPED:
+                return
+            self._state = ServerState.STOPPED
+        self._context.shutdown.set()
+        server, thread = self._server, self._thread
+        if server is not None:
+            server.should_exit = True
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(deadline - time.monotonic() - 0.5, 0.0))
+            if thread.is_alive():
+                server.force_exit = True  # type: ignore[union-attr]
+                thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread.is_alive():
+                log.warning("labd server thread %s did not stop within %g s", thread.name, timeout)
+        self._finish(deadline)
+
+    def _finish(self, deadline: float) -> None:
+        self._state = ServerState.STOPPED
+        self._context.shutdown.set()
+        self._context.metrics.detach(timeout=max(min(deadline - time.monotonic(), 0.5), 0.0))
+        busy = self._context.offloader.close(timeout=max(min(deadline - time.monotonic(), 0.2), 0.0))
+        if busy:
+            log.warning("labd server: worker(s) still running device code after stop: %s", busy)
+
+    def __enter__(self) -> LabDaemonServer:
+        if self._state is ServerState.NEW:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<LabDaemonServer {self.url} {self._state.value}>"
