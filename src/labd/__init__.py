@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from labd import sim  # the simulated lab: ``ld.sim.demo_lab(daemon)``
 from labd.daemon import LabDaemon
@@ -52,6 +53,27 @@ from labd.shutdown import ShutdownReport
 from labd.store import RunStore, StoreError
 from labd.streaming import StreamItem, Subscription
 from labd.tasks import TaskContext, TaskHandle, TaskState
+
+if TYPE_CHECKING:
+    from labd.client import RemoteDaemon
+
+
+
+def connect(url: str = "http://127.0.0.1:5000", **kwargs: Any) -> RemoteDaemon:
+    """Connect to a labd server; remote devices and tasks then feel local.
+
+    Needs the ``server`` extra (httpx). Example::
+
+        lab = labd.connect("http://127.0.0.1:5000")
+        laser = lab.get_device("laser1")
+        laser.set_wavelength(1550.0)
+        print(lab.execute_task(None, "WavelengthSweep", laser_id="laser1", detector_id="pm1",
+                               start_wl=1549.0, stop_wl=1551.0, steps=11).wait())
+    """
+    from labd.client import connect as _connect
+
+    return _connect(url, **kwargs)
+
 
 try:
     __version__ = version("labd")
@@ -94,6 +116,7 @@ __all__ = [
     "__version__",
     "capture_metadata",
     "command",
+    "connect",
     "load_hdf5",
     "load_json",
     "query",
