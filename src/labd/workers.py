@@ -12,6 +12,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 __all__ = ["WorkerPool"]
@@ -32,6 +33,7 @@ class WorkerPool:
         self._mutex = threading.Lock()
         self._idle = 0
         self._threads: set[threading.Thread] = set()
+        self._busy: set[threading.Thread] = set()  # threads inside a job right now
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -54,12 +56,14 @@ class WorkerPool:
         me = threading.current_thread()
         base_name = me.name
         while job is not None:
+            self._busy.add(me)
             try:
                 job()
             except BaseException:  # a job must never kill its worker silently
                 log.exception("labd worker job raised")
             me.name = base_name
             with self._mutex:
+                self._busy.discard(me)
                 if self._closed or self._idle >= self._max_idle:
                     self._threads.discard(me)
                     return
@@ -85,13 +89,9 @@ class WorkerPool:
             threads = list(self._threads)
         for _ in range(idle):
             self._jobs.put(None)
-        end = threading.Event()
-        busy = []
+        deadline = time.monotonic() + timeout
         for thread in threads:
-            if thread is threading.current_thread():
-                continue
-            thread.join(timeout if not end.is_set() else 0)
-            if thread.is_alive():
-                busy.append(thread.name)
-                end.set()
-        return busy
+            if thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0.0))
+        # Idle threads may still be on their way out; only threads inside a job are busy.
+        return sorted(t.name for t in list(self._busy) if t is not threading.current_thread())

@@ -113,4 +113,4 @@ def _sweep(url: str, steps: int, dwell: float) -> str:
 def _print_urls(url: str) -> None:
     console.print(Text.assemble("server:    ", (url, "bold cyan")))
     console.print(f"API docs:  {url}/docs")
-    console.print(f"dashboard: {url}/")
+    console.print(f"overview:  {url}/  (live events: {url}/stream/events)")

@@ -98,7 +98,7 @@ def _print_banner(daemon: LabDaemon, url: str, host: str) -> None:
         soft_wrap=True,
     )
     console.print(f"  API docs:  {url}/docs")
-    console.print(f"  dashboard: {url}/")
+    console.print(f"  overview:  {url}/  (live events: {url}/stream/events)")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print_note(f"listening on {host}: anyone who can reach this machine can control the lab")
     console.print("Press Ctrl-C to stop.", style="dim")
