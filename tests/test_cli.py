@@ -272,7 +272,7 @@ def test_demo_no_wait_sweeps_through_the_client(runner: CliRunner) -> None:
     result = invoke(runner, "demo", "--port", "0", "--steps", "21", "--dwell", "0", "--no-wait")
     assert result.exit_code == 0, result.output
     assert "resonance at 1550.000 nm" in result.output
-    assert "dashboard: http://127.0.0.1:" in result.output
+    assert "overview:  http://127.0.0.1:" in result.output
     assert "/docs" in result.output
     assert any(char in result.output for char in "▁▂▃")
 

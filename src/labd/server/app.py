@@ -16,7 +16,14 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 import labd
-from labd.server import routes_devices, routes_leases, routes_meta, routes_tasks, sse
+from labd.server import (
+    routes_devices,
+    routes_leases,
+    routes_meta,
+    routes_runs,
+    routes_tasks,
+    sse,
+)
 from labd.server.context import ServerContext, ServerSettings
 from labd.server.limits import BodyLimitMiddleware
 from labd.server.routing import endpoints_index, install_error_handlers, install_routes
@@ -33,6 +40,7 @@ ROUTES = [
     *routes_devices.ROUTES,
     *routes_tasks.ROUTES,
     *routes_leases.ROUTES,
+    *routes_runs.ROUTES,
     *sse.ROUTES,
 ]
 

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 import labd
 from labd.errors import utc_now_iso
+from labd.server.context import ServerContext
 from labd.server.models import Ctx
 from labd.server.routing import RouteSpec, json_response
 
 __all__ = ["ROUTES"]
 
+# /health must answer at once; reading the store's row count waits at most this long (a
+# prune or VACUUM holds the store's read connection).
+_STORE_STATS_TIMEOUT_S = 2.0
+_STORE_KEYS = ("path", "size_bytes", "runs", "degraded", "degraded_reason", "dropped_records")
 
 
 async def root(ctx: Ctx) -> Response:
@@ -22,16 +28,42 @@ async def root(ctx: Ctx) -> Response:
                           "endpoints": dict(ctx.endpoints)})
 
 
+async def _store_health(ctx: ServerContext) -> dict[str, Any] | None:
+    """The ``store`` part of ``/health``: None without a run store; never raises."""
+    store = ctx.daemon.store
+    if store is None:
+        return None
+    try:
+        stats = await ctx.run(store.stats, what="reading the run store's statistics",
+                              timeout=_STORE_STATS_TIMEOUT_S)
+    except Exception as exc:  # busy (pruning), closed with the daemon, or the server stopping
+        return {"path": str(store.path), "size_bytes": None, "runs": None,
+                "degraded": store.degraded_reason is not None,
+                "degraded_reason": store.degraded_reason, "dropped_records": store.dropped_records,
+                "unavailable": f"{type(exc).__name__}: {exc}"}
+    return {key: stats[key] for key in _STORE_KEYS}
+
+
 async def health(ctx: Ctx) -> Response:
-    """Liveness: answers at once even while instruments hang (503 once the daemon shut down)."""
+    """Liveness: answers at once even while instruments hang (503 once the daemon shut down).
+
+    ``status`` is ``degraded`` (still 200) while the run store cannot write its history.
+    """
     daemon = ctx.daemon
     running = sum(1 for handle in daemon.task_handles() if handle.status in ("running", "paused"))
+    store = await _store_health(ctx)
+    status = "healthy"
+    if daemon.closed:
+        status = "daemon_closed"
+    elif store is not None and store["degraded"]:
+        status = "degraded"
     body = {
-        "status": "healthy" if not daemon.closed else "daemon_closed",
+        "status": status,
         "timestamp": utc_now_iso(),
         "uptime_s": round(time.monotonic() - ctx.started_at, 3),
         "devices": len(daemon.device_ids()),
         "tasks_running": running,
+        "store": store,
     }
     return json_response(body, status_code=200 if not daemon.closed else 503)
 
