@@ -42,6 +42,21 @@ hypothesis.settings.register_profile("labd", deadline=None)
 hypothesis.settings.load_profile("labd")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_default_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Commands that record to the default run store (``labd demo``, ``labd serve``) must not
+    touch the user's ``~/.local/share/labd/labd.db``: point ``LABD_DB`` at a temp file."""
+    import os
+
+    previous = os.environ.get("LABD_DB")
+    os.environ["LABD_DB"] = str(tmp_path_factory.mktemp("labd-default-db") / "labd.db")
+    yield
+    if previous is None:
+        os.environ.pop("LABD_DB", None)
+    else:
+        os.environ["LABD_DB"] = previous
+
+
 def _is_allowed(thread: threading.Thread) -> bool:
     return thread.name.startswith(ALLOWED_THREAD_PREFIXES)
 

@@ -409,3 +409,221 @@ def test_ctrl_c_while_following_cancels_the_run(lab: Any) -> None:
     assert "Traceback" not in output
     assert "Cancellation of task 'followed1' requested" in output
     assert lab.daemon.get_task("followed1").info()["status"] == "cancelled"
+
+
+# ---------------------------------------------------------------------- runs (history)
+class _FailingTask:
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+
+    def run(self, context: Any) -> None:
+        raise RuntimeError("laser interlock open")
+
+
+class _ArrayTask:
+    def __init__(self, task_id: str, size: int = 1000) -> None:
+        self.size = size
+
+    def run(self, context: Any) -> dict[str, Any]:
+        import numpy as np
+
+        return {"trace": np.linspace(0.0, 1.0, self.size), "gain": 2.5}
+
+
+def _recorded_lab(db: Path) -> Any:
+    """The simulated lab with a run store at ``db`` behind a real server (a context manager)."""
+    from contextlib import contextmanager
+
+    import labd
+    from labd.testing import running_server
+
+    @contextmanager
+    def lab_with_history() -> Iterator[Any]:
+        daemon = labd.LabDaemon(store=db)
+        try:
+            daemon.register_plugins(tasks={"Failing": _FailingTask, "Arrays": _ArrayTask})
+            with running_server(daemon, demo=True) as running:
+                yield running
+        finally:
+            daemon.shutdown()
+
+    return lab_with_history()
+
+
+def _record_runs(daemon: Any) -> None:
+    import labd
+
+    daemon.execute_task("sweep1", "WavelengthSweep", laser_id="laser1", detector_id="pm1",
+                        start_wl=1549.0, stop_wl=1551.0, steps=5).wait(timeout=TASK_TIMEOUT_S)
+    with pytest.raises(labd.TaskFailedError):
+        daemon.execute_task("bad", "Failing").wait(timeout=TASK_TIMEOUT_S)
+    daemon.execute_task("arrays", "Arrays", size=1000).wait(timeout=TASK_TIMEOUT_S)
+
+
+def test_runs_table_filters_and_show(runner: CliRunner, tmp_path: Path) -> None:
+    with _recorded_lab(tmp_path / "runs.db") as running:
+        _record_runs(running.daemon)
+        table = invoke(runner, "runs", "--url", running.url)
+        failed = invoke(runner, "runs", "--status", "failed", "--url", running.url)
+        one = invoke(runner, "runs", "--limit", "1", "--url", running.url)
+        sweep = invoke(runner, "runs", "show", "sweep1", "--url", running.url)
+        bad = invoke(runner, "runs", "show", "bad", "--url", running.url)
+        arrays = invoke(runner, "runs", "show", "arrays", "--events", "0", "--url", running.url)
+        unknown = invoke(runner, "runs", "show", "nope", "--url", running.url)
+        bad_since = invoke(runner, "runs", "--since", "7x", "--url", running.url)
+    assert table.exit_code == 0, table.output
+    for word in ("sweep1", "WavelengthSweep", "completed", "5/5", "bad", "failed",
+                 "RuntimeError: laser interlock open", "arrays", "duration"):
+        assert word in table.output, word
+    assert "bad" in failed.output and "sweep1" not in failed.output
+    assert "arrays" in one.output and "more runs: labd runs --offset 1" in one.output
+    assert sweep.exit_code == 0, sweep.output
+    for text in ("run 'sweep1'", "completed", "laser1, pm1", "start_wl", "1549",
+                 "result['results']: 5 rows", "last 10 events", "progress"):
+        assert text in sweep.output, text
+    assert "error: RuntimeError: laser interlock open" in bad.output
+    assert "Traceback (most recent call last)" in bad.output
+    assert "array float64 shape (1000,): [0, 0.001001, 0.002002, …, 0.997998, 0.998999, 1]" in (
+        arrays.output)
+    assert "gain" in arrays.output and "events" not in arrays.output
+    assert unknown.exit_code == 1
+    assert_one_line_error(unknown, "nope")
+    assert bad_since.exit_code == 2
+    assert_one_line_error(bad_since, "--since", "'7x'", "units s, m, h, d, w")
+
+
+def test_runs_export_to_hdf5_and_json_round_trips(runner: CliRunner, tmp_path: Path) -> None:
+    import numpy as np
+
+    from labd.io import load_hdf5, load_json
+
+    h5, js, h5_arrays = tmp_path / "sweep1.h5", tmp_path / "sweep1.json", tmp_path / "arr.h5"
+    with _recorded_lab(tmp_path / "runs.db") as running:
+        _record_runs(running.daemon)
+        expected = running.daemon.get_run("sweep1")
+        done = invoke(runner, "runs", "export", "sweep1", "--hdf5", str(h5), "--json", str(js),
+                      "--url", running.url)
+        again = invoke(runner, "runs", "export", "sweep1", "--hdf5", str(h5), "--url", running.url)
+        forced = invoke(runner, "runs", "export", "sweep1", "--hdf5", str(h5), "--force",
+                        "--url", running.url)
+        arrays = invoke(runner, "runs", "export", "arrays", "--hdf5", str(h5_arrays),
+                        "--url", running.url)
+        nowhere = invoke(runner, "runs", "export", "sweep1", "--url", running.url)
+    assert done.exit_code == 0, done.output
+    assert f"written to {h5}" in done.output and f"written to {js}" in done.output
+    data, meta = load_hdf5(h5, return_metadata=True)
+    assert data["results"] == expected["result"]["results"] and data["status"] == "completed"
+    for key in ("task_id", "task_type", "status", "params", "device_ids", "progress",
+                "created_at", "finished_at"):
+        assert meta[key] == expected[key], key
+    assert meta["error"] is None and "labd_version" in meta
+    record = load_json(js)
+    assert record["result"] == expected["result"] and record["events"] == expected["events"]
+    assert again.exit_code == 2
+    assert_one_line_error(again, str(h5), "already exists", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert arrays.exit_code == 0, arrays.output
+    np.testing.assert_array_equal(load_hdf5(h5_arrays)["trace"], np.linspace(0.0, 1.0, 1000))
+    assert nowhere.exit_code == 2
+    assert_one_line_error(nowhere, "--hdf5 FILE", "--json FILE")
+
+
+def test_runs_prune_deletes_old_runs_from_a_local_db(runner: CliRunner, tmp_path: Path) -> None:
+    import labd
+    from labd.store import RunStore
+
+    db = tmp_path / "runs.db"
+    with labd.LabDaemon(store=db) as daemon:
+        daemon.register_plugins(tasks={"Arrays": _ArrayTask})
+        for i in range(3):
+            daemon.execute_task(f"a{i}", "Arrays", size=100_000).wait(timeout=TASK_TIMEOUT_S)
+    kept = invoke(runner, "runs", "prune", "--older-than", "90d", "--db", str(db))
+    pruned = runner.invoke(app, ["runs", "prune", "--older-than", "0s"],
+                           env={"LABD_DB": str(db)}, catch_exceptions=False)
+    assert kept.exit_code == 0, kept.output
+    assert "deleted 0 run(s)" in kept.output
+    assert pruned.exit_code == 0, pruned.output
+    assert "deleted 3 run(s)" in pruned.output and "pruning" in pruned.output
+    sizes = pruned.output.split("size ")[-1].split(" -> ")
+    assert sizes[0].endswith("MB") and sizes[0] != sizes[1].strip()
+    assert not list(Path(f"{db}.files").rglob("*.npy"))
+    store = RunStore(db)
+    try:
+        assert store.runs() == []
+    finally:
+        store.close()
+
+
+def test_runs_prune_bad_values_and_a_store_in_use(runner: CliRunner, tmp_path: Path) -> None:
+    import sqlite3
+
+    from labd.store import RunStore
+
+    db = tmp_path / "runs.db"
+    RunStore(db).close()
+    bad_unit = invoke(runner, "runs", "prune", "--older-than", "90x", "--db", str(db))
+    bad_size = invoke(runner, "runs", "prune", "--max-size", "1XB", "--db", str(db))
+    nothing = invoke(runner, "runs", "prune", "--db", str(db))
+    missing = invoke(runner, "runs", "prune", "--older-than", "1d", "--db", str(tmp_path / "x.db"))
+    # A live labd process (here: our parent) whose session in the file has not ended.
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO sessions(started_at, pid, host) VALUES (?,?,?)",
+                 (1.0, os.getppid(), os.uname().nodename))
+    conn.commit()
+    conn.close()
+    in_use = invoke(runner, "runs", "prune", "--older-than", "1d", "--db", str(db))
+    assert bad_unit.exit_code == 2
+    assert_one_line_error(bad_unit, "--older-than", "'90x'", "valid units: s, m, h, d, w")
+    assert bad_size.exit_code == 2
+    assert_one_line_error(bad_size, "--max-size", "'1XB'", "MB")
+    assert nothing.exit_code == 2
+    assert_one_line_error(nothing, "--older-than 90d", "--max-size 1GB")
+    assert missing.exit_code == 2
+    assert_one_line_error(missing, "no run store", "x.db")
+    assert in_use.exit_code == 1
+    assert_one_line_error(in_use, "in use by labd process", str(os.getppid()))
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("db", "fragment"),
+    [
+        ("{tmp}/missing/dir/runs.db", "does not exist"),
+        ("/proc/labd-cli-test.db", "not writable"),
+    ],
+)
+def test_serve_with_an_unusable_db_exits_2_with_one_line(
+    runner: CliRunner, tmp_path: Path, db: str, fragment: str
+) -> None:
+    path = db.format(tmp=tmp_path)
+    result = invoke(runner, "serve", "--demo", "--port", "0", "--db", path)
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result, path, fragment, "--db")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_serve_rejects_a_tiny_size_cap(runner: CliRunner, tmp_path: Path) -> None:
+    result = invoke(runner, "serve", "--port", "0", "--db", str(tmp_path / "r.db"),
+                    "--db-max-size", "10KB")
+    assert result.exit_code == 2
+    assert_one_line_error(result, "--db-max-size", "'10KB'", "64KiB")
+
+
+def test_demo_records_its_sweep_and_says_where(runner: CliRunner, tmp_path: Path) -> None:
+    from labd.store import RunStore
+
+    db = tmp_path / "demo.db"
+    recorded = invoke(runner, "demo", "--port", "0", "--steps", "3", "--dwell", "0", "--no-wait",
+                      "--db", str(db))
+    memory = invoke(runner, "demo", "--port", "0", "--steps", "3", "--dwell", "0", "--no-wait",
+                    "--no-db")
+    assert recorded.exit_code == 0, recorded.output
+    assert f"history:   {db}" in recorded.output
+    assert memory.exit_code == 0, memory.output
+    assert "history:   in memory only" in memory.output
+    store = RunStore(db)
+    try:
+        runs = store.runs()
+    finally:
+        store.close()
+    assert [(r["task_type"], r["status"]) for r in runs] == [("WavelengthSweep", "completed")]

@@ -349,3 +349,14 @@ def test_size_cap_deletes_the_oldest_finished_runs(tmp_path: Path) -> None:
 def test_size_cap_must_be_sensible(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="at least 65536"):
         RunStore(tmp_path / "x.db", max_bytes=10)
+
+
+def test_a_store_file_has_one_writer_at_a_time(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    first = RunStore(db)
+    try:
+        with pytest.raises(StoreError, match=f"in use by labd process {os.getpid()}"):
+            RunStore(db)
+    finally:
+        first.close()
+    RunStore(db).close()  # free again once closed

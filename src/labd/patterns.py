@@ -53,7 +53,8 @@ def ensure_server(
 ) -> bool:
     """Wait up to ``timeout`` seconds for a healthy labd server at ``server_url``.
 
-    Returns True once ``GET /health`` answers ``{"status": "healthy"}``, and False (as in
+    Returns True once ``GET /health`` answers ``{"status": "healthy"}`` (or ``"degraded"``: the
+    server works but cannot save history), and False (as in
     LabDaemon) when none does in time. With ``raise_on_failure=True`` it raises
     :class:`ServerConnectionError` naming the URL and how to start a server instead, so a
     script stops with the reason.
@@ -71,7 +72,7 @@ def ensure_server(
         except ServerConnectionError as exc:  # nobody listening yet, or too slow: keep trying
             last = exc
         else:
-            if answer.get("status") == "healthy":
+            if answer.get("status") in ("healthy", "degraded"):  # degraded: history not saved
                 return True
             last = ServerAPIError(f"{url}/health answered {answer!r}, not status 'healthy'.")
         remaining = deadline - time.monotonic()

@@ -122,6 +122,7 @@ class RunStore:
         self._read_lock = threading.Lock()
         self._closed = False
         self._check_path(create_dirs)
+        self._lock_fd = self._lock_file()
         self._writer_conn = self._connect()
         self._migrate(self._writer_conn)
         self._reader = self._connect()
@@ -157,6 +158,38 @@ class RunStore:
                 f"Cannot write in directory {str(parent)!r} for the run store {str(self.path)!r}; "
                 "choose a writable path (--db / LABD_DB)."
             )
+
+    def _lock_file(self) -> int | None:
+        """Hold ``<db>.lock`` for as long as the store is open: one writing process per file.
+
+        Opening a store marks every active run interrupted, so a second live process on the
+        same file would rewrite the first one's history. The OS drops the lock if we crash.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX: no cross-process guard
+            return None
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"Cannot open run store {str(self.path)!r}: {exc.strerror}. The file or its "
+                "directory is not writable (read-only filesystem or permissions); choose another "
+                "path (--db / LABD_DB)."
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreError(
+                f"Run store {str(self.path)!r} is in use by labd process {holder}; only one "
+                "process may write a run store. Stop it, or use another --db path."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -592,6 +625,9 @@ class RunStore:
         for conn in (self._writer_conn, self._reader):
             with _suppress_sqlite():
                 conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
 
 @contextmanager

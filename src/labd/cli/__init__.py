@@ -3,11 +3,13 @@
 Commands::
 
     labd serve [CONFIG] [--demo]      a daemon from a config file, over HTTP, until Ctrl-C
+                                      (run history in --db, default ~/.local/share/labd)
     labd demo                         the simulated lab, a sweep through the client, then serve
     labd devices | tasks | methods    tables of what a running server has
     labd call DEVICE METHOD [ARGS]    call a device method remotely
     labd run TASK [k=v ...] --follow  start a task run, with a live progress bar
     labd cancel ID | watch DEVICE     stop a run | live values of a device
+    labd runs [show|export|prune]     the run history: list, one run, to HDF5/JSON, delete old
     labd version
 
 Remote commands talk to ``--url`` (or ``$LABD_URL``, default http://127.0.0.1:5000).
@@ -23,6 +25,7 @@ import typer
 
 from labd.cli import demo as _demo
 from labd.cli import remote as _remote
+from labd.cli import runs as _runs
 from labd.cli import serve as _serve
 from labd.cli import watch as _watch
 from labd.cli.output import console
@@ -47,6 +50,7 @@ app.command("run", context_settings=_remote.FREE_WORDS)(_remote.run)
 app.command("tasks")(_remote.tasks)
 app.command("cancel")(_remote.cancel)
 app.command("watch")(_watch.watch)
+app.add_typer(_runs.runs_app, name="runs")
 
 
 @app.command("version")

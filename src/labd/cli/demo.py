@@ -9,17 +9,22 @@ resonance it finds is printed, and the server keeps running for the browser unti
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
 
-from labd.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, reports_errors
+from labd.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError, reports_errors
 from labd.cli.follow import follow_task
 from labd.cli.output import console, print_note
 from labd.cli.remote import open_api
 from labd.cli.results import print_task_outcome, sweep_summary
 from labd.cli.serving import port_is_free, serve_in_background, stop_all, wait_for_interrupt
+from labd.cli.stores import DbOption, NoDbOption, open_run_store
+
+if TYPE_CHECKING:
+    from labd.store import RunStore
 
 __all__ = ["HOST", "demo"]
 
@@ -40,6 +45,8 @@ def demo(
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Keep serving after the sweep until Ctrl-C.")
     ] = True,
+    db: DbOption = None,
+    no_db: NoDbOption = False,
 ) -> None:
     """Run the simulated lab (laser, power meter, DAQ) in a server and sweep it through the client.
 
@@ -51,7 +58,8 @@ def demo(
     if not port_is_free(HOST, port):
         print_note(f"port {port} is busy; using a free port instead")
         port = 0
-    daemon = LabDaemon()
+    store = None if no_db else _demo_store(db)
+    daemon = LabDaemon(store=store)
     server = None
     try:
         demo_lab(daemon)
@@ -65,7 +73,7 @@ def demo(
             )
         )
         status = _sweep(url, steps, dwell)
-        _print_urls(url)
+        _print_urls(url, store)
         if status != "completed":
             raise typer.Exit(EXIT_INTERRUPTED if status == "interrupted by you" else EXIT_ERROR)
         if wait:
@@ -78,6 +86,22 @@ def demo(
             console.print("stopping...")
     finally:
         stop_all(server, daemon, console)
+        if store is not None:
+            store.close()
+
+
+def _demo_store(db: Path | None) -> RunStore | None:
+    """The run store for the demo; if the default one cannot be used, history stays in memory.
+
+    A path the user gave (--db, LABD_DB) must work; the demo does not give up on it silently.
+    """
+    try:
+        return open_run_store(db)
+    except CliError as exc:
+        if db is not None:
+            raise
+        print_note(f"run history kept in memory only: {exc}")
+        return None
 
 
 def _sweep(url: str, steps: int, dwell: float) -> str:
@@ -110,7 +134,12 @@ def _sweep(url: str, steps: int, dwell: float) -> str:
     return outcome.status
 
 
-def _print_urls(url: str) -> None:
+def _print_urls(url: str, store: RunStore | None) -> None:
     console.print(Text.assemble("server:    ", (url, "bold cyan")))
     console.print(f"API docs:  {url}/docs")
     console.print(f"overview:  {url}/  (live events: {url}/stream/events)")
+    if store is not None:
+        console.print(f"history:   {store.path} (list it with `labd runs --url {url}`)",
+                      soft_wrap=True)
+    else:
+        console.print("history:   in memory only (--no-db)")

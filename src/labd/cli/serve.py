@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.text import Text
 
-from labd.cli.errors import reports_errors
+from labd.cli.errors import EXIT_USAGE, CliError, reports_errors
 from labd.cli.output import console, print_note
 from labd.cli.serving import (
     busy_port_error,
@@ -17,12 +17,18 @@ from labd.cli.serving import (
     stop_all,
     wait_for_interrupt,
 )
+from labd.cli.stores import DbOption, NoDbOption, open_run_store
+from labd.cli.units import parse_size
 from labd.config import apply_config, load_config
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
+    from labd.store import RunStore
 
-__all__ = ["serve"]
+__all__ = ["MIN_DB_BYTES", "serve"]
+
+#: The smallest size cap a run store accepts (labd.store.RunStore's max_bytes).
+MIN_DB_BYTES = 64 * 1024
 
 
 @reports_errors
@@ -51,12 +57,25 @@ def serve(
             "--strict", help="Refuse commands from local threads that do not own a device, too."
         ),
     ] = False,
+    db: DbOption = None,
+    no_db: NoDbOption = False,
+    db_max_size: Annotated[
+        str | None,
+        typer.Option(
+            "--db-max-size",
+            help="Size cap of the history, e.g. 500MB: the oldest finished runs are deleted "
+            "beyond it.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Serve a lab over HTTP and Server-Sent Events until Ctrl-C.
+    """Serve a lab over HTTP and Server-Sent Events until Ctrl-C, recording run history.
 
-    Example: labd serve examples/lab.toml --port 5000
+    Example: labd serve examples/lab.toml --port 5000 --db runs.db
     """
-    # Load (and import) everything before any thread starts, so a bad file changes nothing.
+    # Check and load (and import) everything before any thread starts, so bad input changes
+    # nothing.
+    max_bytes = _size_cap(db_max_size)
     lab_config = load_config(config) if config is not None else None
     if lab_config is None and not demo:
         print_note(
@@ -67,7 +86,13 @@ def serve(
         raise busy_port_error(host, port)
     from labd.daemon import LabDaemon
 
-    daemon = LabDaemon(strict_ownership=strict)
+    store = None if no_db else open_run_store(db, max_bytes)
+    try:
+        daemon = LabDaemon(strict_ownership=strict, store=store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     server = None
     try:
         if demo:
@@ -77,15 +102,27 @@ def serve(
         if lab_config is not None:
             apply_config(daemon, lab_config)
         server = serve_in_background(daemon, host, port)
-        _print_banner(daemon, str(server.url), host)
+        _print_banner(daemon, str(server.url), host, store)
         wait_for_interrupt()
         console.print("stopping...")
     finally:
         clean = stop_all(server, daemon, console)
+        if store is not None:
+            store.close()
     console.print("labd stopped" + ("" if clean else " (with the problems above)"))
 
 
-def _print_banner(daemon: LabDaemon, url: str, host: str) -> None:
+def _size_cap(text: str | None) -> int | None:
+    if text is None:
+        return None
+    size = parse_size(text, "--db-max-size")
+    if size < MIN_DB_BYTES:
+        raise CliError(f"--db-max-size: {text!r} is too small; the history needs at least 64KiB "
+                       "(e.g. --db-max-size 500MB)", EXIT_USAGE)
+    return size
+
+
+def _print_banner(daemon: LabDaemon, url: str, host: str, store: RunStore | None) -> None:
     device_ids = daemon.device_ids()
     console.print(
         Text.assemble(
@@ -99,6 +136,11 @@ def _print_banner(daemon: LabDaemon, url: str, host: str) -> None:
     )
     console.print(f"  API docs:  {url}/docs")
     console.print(f"  overview:  {url}/  (live events: {url}/stream/events)")
+    console.print(f"  history:   {store.path if store is not None else 'in memory (--no-db)'}",
+                  soft_wrap=True)
+    if store is not None and store.interrupted:
+        print_note(f"{store.interrupted} run(s) were active when labd last stopped; they are "
+                   "now marked interrupted (see `labd runs --status interrupted`)")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print_note(f"listening on {host}: anyone who can reach this machine can control the lab")
     console.print("Press Ctrl-C to stop.", style="dim")

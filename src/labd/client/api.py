@@ -28,6 +28,7 @@ from labd.client._http import (
     read_answer,
 )
 from labd.client.errors import ClientClosedError
+from labd.client.history import RunHistoryEndpoints
 from labd.errors import InvalidArgumentError
 
 __all__ = ["DEFAULT_URL", "TIMEOUT_MARGIN_S", "Endpoints", "ServerAPI", "http_timeout"]
@@ -126,8 +127,10 @@ def _add_device_params(
     return merged
 
 
-class Endpoints(Generic[R]):
+class Endpoints(RunHistoryEndpoints[R], Generic[R]):
     """The labd HTTP API, one method per endpoint; ``R`` is what sending a call returns.
+
+    The run-history methods (``list_runs``, ``get_run``...) come from RunHistoryEndpoints.
 
     Subclasses implement :meth:`_send` (sync: the value; async: a coroutine of the value).
     """

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from labd.client._http import acting_owner
@@ -281,6 +282,26 @@ class RemoteDaemon:
     def list_tasks(self) -> list[dict[str, Any]]:
         """Summaries of live and retained runs."""
         return list(self.api.list_tasks()["tasks"])
+
+    # ------------------------------------------------------------------ history
+    def runs(
+        self,
+        status: str | None = None,
+        task_type: str | None = None,
+        since: str | float | datetime | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Run history, newest first (as ``LabDaemon.runs``); summaries without results.
+
+        ``since`` is ISO 8601, POSIX seconds or a datetime. Page with ``offset``.
+        """
+        return list(self.api.list_runs(status, task_type, since, limit, offset)["runs"])
+
+    def get_run(self, task_id: str) -> dict[str, Any]:
+        """The full record of a run, from this or an earlier server session (arrays as lists)."""
+        record: dict[str, Any] = self.api.get_run(task_id)
+        return record
 
     @contextlib.contextmanager
     def task_context(

@@ -1,0 +1,165 @@
+"""``/runs`` and ``/devices/{id}/errors/history``: the run history, read from the run store.
+
+With a run store (``LabDaemon(store=...)``) these endpoints read the SQLite history, which
+outlives restarts; without one they serve the runs the daemon still retains in memory. Every
+read runs on a worker thread (a large history or a prune in progress must never stall the
+event loop), and the answer is encoded there too. NumPy arrays that the store keeps in side
+files come back as lists.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Query
+from starlette.responses import Response
+
+from labd.errors import InvalidArgumentError
+from labd.server.context import ServerContext
+from labd.server.encoding import dumps_lenient
+from labd.server.models import Ctx, DeviceIdPath, TaskIdPath
+from labd.server.routing import RouteSpec, json_bytes_response
+from labd.tasks import TaskState
+
+__all__ = ["MAX_PAGE", "ROUTES", "parse_since"]
+
+#: Largest ``limit`` of one page of ``GET /runs``.
+MAX_PAGE = 1000
+#: Largest ``limit`` of the event and error-history endpoints.
+MAX_EVENTS = 10_000
+# How long a read waits for the store's writer to commit what is queued before reading.
+_FLUSH_S = 2.0
+
+StatusQuery = Annotated[
+    TaskState | None, Query(description="Only runs in this state.")
+]
+TaskTypeQuery = Annotated[
+    str | None, Query(min_length=1, max_length=256, description="Only runs of this task type.")
+]
+SinceQuery = Annotated[
+    str | None,
+    Query(max_length=64, description="Only runs created at or after this time: ISO 8601 "
+          "(no zone means UTC) or POSIX seconds."),
+]
+PageLimitQuery = Annotated[
+    int, Query(ge=1, le=MAX_PAGE, description=f"Runs per page, 1 to {MAX_PAGE}.")
+]
+OffsetQuery = Annotated[int, Query(ge=0, description="Runs to skip (newest first).")]
+EventsLimitQuery = Annotated[
+    int, Query(ge=1, le=MAX_EVENTS, description=f"At most this many, 1 to {MAX_EVENTS}.")
+]
+
+
+def _bad_query(name: str, value: str, valid: str) -> InvalidArgumentError:
+    error = InvalidArgumentError(f"Invalid query parameter {name}={value!r}: {valid}.")
+    error.labd_context = {  # type: ignore[attr-defined]
+        "errors": [{"field": f"query.{name}", "message": valid, "type": "value_error"}]
+    }
+    return error
+
+
+def parse_since(value: str) -> float:
+    """POSIX seconds from ``"1714564800"`` or ISO 8601 (``"2024-05-01T12:00:00Z"``; naive is UTC).
+
+    Raises :class:`InvalidArgumentError` naming the parameter and what it accepts.
+    """
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise _bad_query("since", value, "give an ISO 8601 time such as "
+                             "2024-05-01T12:00:00Z, or POSIX seconds such as 1714564800") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    if not math.isfinite(seconds):
+        raise _bad_query("since", value, "give a finite number of POSIX seconds or an ISO 8601 time")
+    return seconds
+
+
+def _page(
+    ctx: ServerContext, status: TaskState | None, task_type: str | None, since: float | None,
+    limit: int, offset: int,
+) -> bytes:
+    # One more than asked tells whether another page follows, so next_offset is exact.
+    rows = ctx.daemon.runs(status.value if status is not None else None, task_type, since,
+                           limit + 1, offset)
+    more = len(rows) > limit
+    body = {"runs": rows[:limit], "limit": limit, "offset": offset,
+            "next_offset": offset + limit if more else None}
+    return dumps_lenient(body)
+
+
+async def list_runs(
+    ctx: Ctx, status: StatusQuery = None, task_type: TaskTypeQuery = None,
+    since: SinceQuery = None, limit: PageLimitQuery = 50, offset: OffsetQuery = 0,
+) -> Response:
+    """Run history, newest first, filtered and paginated (``next_offset`` is null at the end)."""
+    after = parse_since(since) if since is not None else None
+    body = await ctx.run(lambda: _page(ctx, status, task_type, after, limit, offset),
+                         what="reading the run history")
+    return json_bytes_response(body)
+
+
+async def get_run(task_id: TaskIdPath, ctx: Ctx) -> Response:
+    """One run's full record: parameters, progress, result, error (with traceback), events."""
+    body = await ctx.run(lambda: dumps_lenient(ctx.daemon.get_run(task_id)),
+                         what=f"reading run {task_id!r} from the history")
+    return json_bytes_response(body)
+
+
+def _events(ctx: ServerContext, task_id: str, limit: int) -> bytes:
+    store = ctx.daemon.store
+    record = None
+    if store is not None:
+        store.flush(timeout=_FLUSH_S)
+        record = store.get_run(task_id, events_limit=limit)
+    if record is None:  # no store (events are not kept in memory), or raises UnknownTaskError
+        record = ctx.daemon.get_run(task_id)
+    events = list(record.get("events") or [])[-limit:]
+    return dumps_lenient({"task_id": task_id, "events": events})
+
+
+async def get_run_events(
+    task_id: TaskIdPath, ctx: Ctx, limit: EventsLimitQuery = 100,
+) -> Response:
+    """The run's last ``limit`` events (state changes, progress, data), oldest first."""
+    body = await ctx.run(lambda: _events(ctx, task_id, limit),
+                         what=f"reading the events of run {task_id!r}")
+    return json_bytes_response(body)
+
+
+def _device_errors(ctx: ServerContext, device_id: str, limit: int) -> bytes:
+    store = ctx.daemon.store
+    if store is not None:
+        # History outlives the device: a device removed (or not re-added after a restart)
+        # still has its recorded errors.
+        store.flush(timeout=_FLUSH_S)
+        errors = store.device_errors(device_id, limit=limit)
+    else:
+        last = ctx.daemon.get_device_error(device_id)  # UnknownDeviceError for a bad id
+        errors = [last.to_dict()] if last is not None else []
+    return dumps_lenient({"device_id": device_id, "errors": errors})
+
+
+async def get_device_error_history(
+    device_id: DeviceIdPath, ctx: Ctx, limit: EventsLimitQuery = 100,
+) -> Response:
+    """Every recorded error of a device, newest first, with tracebacks."""
+    body = await ctx.run(lambda: _device_errors(ctx, device_id, limit),
+                         what=f"reading the error history of device {device_id!r}")
+    return json_bytes_response(body)
+
+
+ROUTES = [
+    RouteSpec("GET", "/runs", list_runs),
+    RouteSpec("GET", "/runs/{task_id}", get_run),
+    RouteSpec("GET", "/runs/{task_id}/events", get_run_events),
+    RouteSpec("GET", "/devices/{device_id}/errors/history", get_device_error_history),
+]
+
