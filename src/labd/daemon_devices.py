@@ -1,0 +1,340 @@
+"""The device half of :class:`labd.LabDaemon`: add, connect, call, stream, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from labd.daemon_core import DaemonCore, check_id, log
+from labd.devices import DeviceSlot, DeviceState, rewrap_device, wrap_device
+from labd.errors import (
+    DeviceConnectionError,
+    DeviceError,
+    DeviceNotConnectedError,
+    DeviceTimeoutError,
+    ErrorRecord,
+    InvalidArgumentError,
+    iso_from_timestamp,
+)
+from labd.ownership import (
+    Actor,
+    acting_as,
+    current_actor,
+)
+from labd.streaming import StreamHub, Subscription
+
+__all__ = ["DeviceOps"]
+
+
+class DeviceOps(DaemonCore):
+    """Device methods of :class:`labd.LabDaemon` (LabDaemon 1.0 names plus labd's)."""
+
+    def add_device(self, device_id: str, device_type: str, **params: Any) -> Any:
+        """Construct ``device_type(device_id, **params)`` and return it, with locked methods."""
+        self._check_open()
+        check_id(device_id, "device id")
+        cls = self.device_class(device_type)
+        with self._lock:
+            if device_id in self._slots:
+                raise InvalidArgumentError(
+                    f"A device with id {device_id!r} already exists ({self._slots[device_id].device_type}). "
+                    "Pick another id or remove it first."
+                )
+        instance = self._construct_device(cls, device_id, device_type, params)
+        timeout = getattr(instance, "labd_call_timeout", None) or self.call_timeout
+        slot = DeviceSlot(
+            device_id, device_type, instance, params, strict=self.strict_ownership,
+            call_timeout=timeout, on_error=self._device_error,
+        )
+        wrap_device(slot)
+        with self._lock:
+            if device_id in self._slots:
+                raise InvalidArgumentError(f"A device with id {device_id!r} already exists.")
+            self._slots[device_id] = slot
+        self._streams.add(slot)
+        if not callable(getattr(instance, "connect", None)):
+            slot.state = DeviceState.CONNECTED
+        self._publish_event({"event": "device_added", "device_id": device_id,
+                             "device_type": device_type})
+        return instance
+
+    @staticmethod
+    def _construct_device(cls: Any, device_id: str, device_type: str, params: dict[str, Any]) -> Any:
+        try:
+            return cls(device_id, **params)
+        except TypeError as first:
+            # A class whose __init__ takes no device_id still works (DESIGN.md 2.1).
+            try:
+                signature = inspect.signature(cls)
+            except (TypeError, ValueError):
+                raise first from None
+            try:
+                signature.bind(device_id, **params)
+            except TypeError:
+                try:
+                    signature.bind(**params)
+                except TypeError as exc:
+                    raise InvalidArgumentError(
+                        f"Device type {device_type!r} does not accept these parameters "
+                        f"{sorted(params)}: {exc}. Its constructor is {cls.__name__}{signature}."
+                    ) from first
+                instance = cls(**params)
+                with contextlib.suppress(AttributeError):
+                    instance.device_id = device_id
+                return instance
+            raise
+
+    def remove_device(self, device_id: str, timeout: float | None = 2.0) -> None:
+        """Stop streaming, disconnect and forget a device that no one owns."""
+        slot = self._slot(device_id)
+        owner = self._claims.owner_of(device_id)
+        if owner is not None:
+            self._streams.raise_if_not_permitted(slot)
+        self._streams.stop(slot, timeout=timeout or 1.0)
+        self.disconnect_device(device_id, timeout=timeout)
+        with self._lock:
+            self._slots.pop(device_id, None)
+        self._claims.forget_device(device_id)
+        self._publish_event({"event": "device_removed", "device_id": device_id})
+
+    def get_device(self, device_id: str) -> Any:
+        """The device instance (its public methods are locked and ownership-checked)."""
+        return self._slot(device_id).instance
+
+    def device_ids(self) -> list[str]:
+        """Ids of all devices, in the order they were added."""
+        return list(self._slots)
+
+    def device_info(self, device_id: str) -> dict[str, Any]:
+        """JSON-ready state of one device (the shape of ``GET /devices/{id}``)."""
+        slot = self._slot(device_id)
+        owner = self._claims.owner_of(device_id)
+
+        return {
+            "device_id": slot.device_id,
+            "device_type": slot.device_type,
+            "state": slot.state.value,
+            "connected": slot.state is DeviceState.CONNECTED,
+            "streaming": self._streams.is_streaming(slot),
+            "owned_by": owner[0].label if owner else None,
+            "owner_kind": owner[0].kind if owner else None,
+            "owner_id": owner[0].owner_id if owner else None,
+            "owned_since": iso_from_timestamp(owner[1]) if owner else None,
+            "unresponsive": slot.unresponsive,
+            "last_error": slot.last_error.to_dict(include_traceback=False) if slot.last_error else None,
+            "params": slot.params,
+            "call_timeout": slot.call_timeout,
+            "lock": slot.lock_info(),
+            "stream": self._streams.stats(slot),
+        }
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        """:meth:`device_info` for every device."""
+        return [self.device_info(device_id) for device_id in self.device_ids()]
+
+    def device_methods(self, device_id: str) -> list[dict[str, Any]]:
+        """Public methods of a device: name, kind (query/command), parameters, doc."""
+        from labd.introspection import describe_method
+
+        slot = self._slot(device_id)
+        return [describe_method(name, slot.originals[name], slot.kinds[name])
+                for name in sorted(slot.originals)]
+
+    def set_call_timeout(self, device_id: str, seconds: float | None) -> None:
+        """Raise :class:`DeviceTimeoutError` when a call waits longer than ``seconds`` for the device."""
+        if seconds is not None and (not isinstance(seconds, int | float) or seconds <= 0):
+            raise InvalidArgumentError(f"call_timeout must be a positive number or None, got {seconds!r}")
+        slot = self._slot(device_id)
+        slot.call_timeout = seconds
+        rewrap_device(slot)
+
+    def call_device(
+        self,
+        device_id: str,
+        method: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        actor: Actor | None = None,
+    ) -> Any:
+        """Call ``device.method(*args, **kwargs)`` by name, as ``actor`` (e.g. a remote client).
+
+        Checks the name and the arguments before calling, so bad input never reaches the device.
+        """
+        from labd.introspection import check_call
+
+        slot = self._slot(device_id)
+        bound = check_call(slot, method, args, kwargs)
+        with acting_as(actor or current_actor()):
+            return bound(*(args or ()), **dict(kwargs or {}))
+
+    def connect_device(self, device: Any, timeout: float | None = None) -> None:
+        """Call the device's ``connect()`` (bounded by ``timeout`` seconds if given).
+
+        Raises :class:`DeviceConnectionError` (the driver's error as ``__cause__``) or
+        :class:`DeviceTimeoutError`; the device is then ``faulted``.
+        """
+        self._check_open()
+        slot = self._slot(device)
+        connect = getattr(slot.instance, "connect", None)
+        if not callable(connect):
+            slot.state = DeviceState.CONNECTED
+            return
+        self._run_lifecycle(slot, connect, "connect", timeout, DeviceState.CONNECTED, raise_timeout=True)
+
+    def disconnect_device(self, device: Any, timeout: float | None = None) -> None:
+        """Call the device's ``disconnect()``; idempotent. A timeout is logged, not raised."""
+        slot = self._slot(device)
+        if slot.state in (DeviceState.DISCONNECTED, DeviceState.ADDED):
+            return
+        self._streams.stop(slot, timeout=1.0 if timeout is None else timeout)
+        disconnect = getattr(slot.instance, "disconnect", None)
+        if not callable(disconnect):
+            slot.state = DeviceState.DISCONNECTED
+            return
+        self._run_lifecycle(
+            slot, disconnect, "disconnect", timeout, DeviceState.DISCONNECTED, raise_timeout=False
+        )
+
+    def _run_lifecycle(
+        self, slot: DeviceSlot, fn: Callable[[], Any], what: str, timeout: float | None,
+        success: DeviceState, *, raise_timeout: bool,
+    ) -> None:
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        previous = slot.state
+        if what == "connect":
+            slot.state = DeviceState.CONNECTING
+        outcome: dict[str, BaseException | None] = {}
+        done = threading.Event()
+        actor = current_actor()
+
+        def job() -> None:
+            try:
+                with acting_as(actor):
+                    fn()
+                outcome["error"] = None
+            except BaseException as exc:
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        if timeout is None:
+            job()
+        else:
+            try:
+                self._pool.submit(job)
+            except RuntimeError:  # the daemon was shut down: its pool no longer takes jobs
+                threading.Thread(target=job, name=f"labd-{what}-{slot.device_id}", daemon=True).start()
+        if not done.wait(timeout):
+            slot.state = DeviceState.FAULTED
+            err = DeviceTimeoutError(
+                f"Device {slot.device_id!r}: {what}() did not finish within {timeout:g} s; "
+                "it is marked faulted. Check the instrument and its connection."
+            )
+            slot.record_error(err, what, origin="framework")
+            self._publish_device_state(slot)
+            if raise_timeout:
+                raise err
+            log.warning("%s", err)
+            return
+        error = outcome.get("error")
+        if error is None:
+            slot.state = success
+            self._publish_device_state(slot)
+            return
+        if isinstance(error, DeviceError) and not isinstance(error, DeviceNotConnectedError):
+            slot.state = previous if what == "connect" and type(error).__name__ == "DeviceBusyError" else DeviceState.FAULTED
+            self._publish_device_state(slot)
+            raise error
+        slot.state = DeviceState.FAULTED
+        self._publish_device_state(slot)
+        raise DeviceConnectionError(
+            f"Device {slot.device_id!r} ({slot.device_type}): {what}() failed: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+    def _publish_device_state(self, slot: DeviceSlot) -> None:
+        self._publish_event({"event": "device_state", "device_id": slot.device_id,
+                             "state": slot.state.value})
+
+    @contextlib.contextmanager
+    def device_context(self, device_id: str, device_type: str, **params: Any) -> Iterator[Any]:
+        """Add and connect a device for the block; disconnect it on exit."""
+        instance = self.add_device(device_id, device_type, **params)
+        try:
+            self.connect_device(instance)
+            yield instance
+        finally:
+            try:
+                self.disconnect_device(instance)
+            except Exception:
+                log.exception("Failed to disconnect device %r on context exit", device_id)
+
+    def subscribe(
+        self,
+        device: Any,
+        callback: Callable[[Any], object] | None = None,
+        *,
+        maxsize: int | None = None,
+        on_ready: Callable[[], None] | None = None,
+        **stream_params: Any,
+    ) -> Subscription:
+        """Subscribe to a device's stream, starting it if needed.
+
+        Each subscriber has its own bounded queue (``maxsize``); ``callback`` runs on the
+        subscription's delivery thread, never on the device's thread. A stream started by a
+        subscription stops when its last subscriber closes.
+        """
+        slot = self._slot(device)
+        return self._streams.subscribe(
+            slot, callback, self.stream_maxsize if maxsize is None else maxsize, on_ready,
+            stream_params, pinned=False
+        )
+
+    def start_streaming(self, device: Any, callback: Callable[[Any], object], **stream_params: Any) -> Subscription:
+        """Start the device's stream (or join it if running) with ``callback`` as a subscriber.
+
+        A stream started this way runs until :meth:`stop_streaming`.
+        """
+        if not callable(callback):
+            raise InvalidArgumentError(f"callback must be callable, got {type(callback).__name__}")
+        slot = self._slot(device)
+        return self._streams.subscribe(
+            slot, callback, self.stream_maxsize, None, stream_params, pinned=True
+        )
+
+    def stop_streaming(self, device: Any, timeout: float | None = 1.0) -> None:
+        """Stop the device's stream and end every subscription. No effect if not streaming."""
+        self._streams.stop(self._slot(device), timeout=timeout)
+
+    def stream_hub(self, device: Any) -> StreamHub | None:
+        """The device's current stream hub (None if not streaming)."""
+        return self._streams.hub(self._slot(device))
+
+    def get_device_error(self, device_id: str) -> ErrorRecord | None:
+        """The device's last error record, kept until cleared."""
+        return self._slot(device_id).last_error
+
+    def clear_device_error(self, device_id: str) -> None:
+        """Forget the device's last error."""
+        self._slot(device_id).last_error = None
+
+    def add_error_listener(self, listener: Callable[[ErrorRecord], None]) -> None:
+        """Call ``listener(record)`` for every device, callback and task error (e.g. a run store)."""
+        self._error_listeners.append(listener)
+
+    def _device_error(self, slot: DeviceSlot, record: ErrorRecord) -> None:
+        self._publish_event({"event": "device_error", "device_id": slot.device_id,
+                             "error": record.to_dict(include_traceback=False)})
+        if self._store is not None:
+            self._store.device_error(record.to_dict())
+        for listener in list(self._error_listeners):
+            try:
+                listener(record)
+            except Exception:
+                log.exception("labd error listener failed")
+
