@@ -115,7 +115,8 @@ MaxsizeQuery = Annotated[
 ]
 
 
-def _remote_actor(
+# async: FastAPI runs plain-def dependencies in a thread pool (two thread hops per request)
+async def _remote_actor(
     x_labd_owner: Annotated[
         str | None,
         Header(alias="X-Labd-Owner", max_length=128, description="The principal you act as."),
