@@ -1,4 +1,4 @@
-"""``labd serve [CONFIG] [--demo]``: a daemon from a config file, over HTTP, until Ctrl-C."""
+"""``labd serve [CONFIG] [--demo] [--tokens FILE]``: a daemon from a config file, over HTTP, until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ from labd.config import apply_config, load_config
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
+    from labd.server.auth import TokenTable
     from labd.store import RunStore
 
 __all__ = ["MIN_DB_BYTES", "serve"]
 
 #: The smallest size cap a run store accepts (labd.store.RunStore's max_bytes).
 MIN_DB_BYTES = 64 * 1024
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @reports_errors
@@ -68,14 +70,26 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    tokens_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokens",
+            envvar="LABD_TOKENS_FILE",
+            help='Bearer tokens with roles (TOML: [tokens] "<token>" = { user = "alice", role = '
+            '"operator" }; roles viewer, operator, admin). Without it anyone who reaches the '
+            "port has full control.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a lab over HTTP and Server-Sent Events until Ctrl-C, recording run history.
 
-    Example: labd serve examples/lab.toml --port 5000 --db runs.db
+    Example: labd serve examples/lab.toml --port 5000 --db runs.db --tokens tokens.toml
     """
     # Check and load (and import) everything before any thread starts, so bad input changes
     # nothing.
     max_bytes = _size_cap(db_max_size)
+    tokens = _load_tokens(tokens_file)
     lab_config = load_config(config) if config is not None else None
     if lab_config is None and not demo:
         print_note(
@@ -101,8 +115,8 @@ def serve(
             demo_lab(daemon)
         if lab_config is not None:
             apply_config(daemon, lab_config)
-        server = serve_in_background(daemon, host, port)
-        _print_banner(daemon, str(server.url), host, store)
+        server = serve_in_background(daemon, host, port, tokens=tokens)
+        _print_banner(daemon, str(server.url), host, store, tokens)
         wait_for_interrupt()
         console.print("stopping...")
     finally:
@@ -122,7 +136,25 @@ def _size_cap(text: str | None) -> int | None:
     return size
 
 
-def _print_banner(daemon: LabDaemon, url: str, host: str, store: RunStore | None) -> None:
+def _load_tokens(path: Path | None) -> TokenTable | None:
+    if path is None:
+        return None
+    try:
+        from labd.server.auth import load_tokens
+    except ImportError as exc:
+        raise CliError(f"--tokens needs labd's `server` extra ({exc}); install it with "
+                       "pip install 'labd[server]'") from None
+    from labd.errors import InvalidArgumentError
+
+    try:
+        return load_tokens(path)
+    except InvalidArgumentError as exc:
+        raise CliError(f"--tokens: {exc}", EXIT_USAGE) from None
+
+
+def _print_banner(
+    daemon: LabDaemon, url: str, host: str, store: RunStore | None, tokens: TokenTable | None,
+) -> None:
     device_ids = daemon.device_ids()
     console.print(
         Text.assemble(
@@ -138,9 +170,11 @@ def _print_banner(daemon: LabDaemon, url: str, host: str, store: RunStore | None
     console.print(f"  overview:  {url}/  (live events: {url}/stream/events)")
     console.print(f"  history:   {store.path if store is not None else 'in memory (--no-db)'}",
                   soft_wrap=True)
+    console.print(f"  auth:      {tokens.describe() if tokens is not None else 'off (no --tokens)'}")
     if store is not None and store.interrupted:
         print_note(f"{store.interrupted} run(s) were active when labd last stopped; they are "
                    "now marked interrupted (see `labd runs --status interrupted`)")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print_note(f"listening on {host}: anyone who can reach this machine can control the lab")
+    if host not in _LOOPBACK and tokens is None:
+        print_note(f"listening on {host} with no --tokens: anyone who can reach this machine "
+                   "can control the lab")
     console.print("Press Ctrl-C to stop.", style="dim")

@@ -24,6 +24,7 @@ from labd.cli.errors import CliError
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
     from labd.server import LabDaemonServer
+    from labd.server.auth import TokenTable
 
 __all__ = [
     "busy_port_error",
@@ -75,8 +76,12 @@ def _is_bind_error(exc: BaseException) -> bool:
     return False
 
 
-def serve_in_background(daemon: LabDaemon, host: str, port: int) -> LabDaemonServer:
+def serve_in_background(
+    daemon: LabDaemon, host: str, port: int, *, tokens: TokenTable | None = None
+) -> LabDaemonServer:
     """Start an HTTP server for ``daemon`` on its own thread and return it (already listening).
+
+    ``tokens`` (from :func:`labd.server.auth.load_tokens`) turns on bearer-token auth.
 
     Raises :class:`CliError` if the port is taken or the server extra is not installed.
     """
@@ -88,7 +93,7 @@ def serve_in_background(daemon: LabDaemon, host: str, port: int) -> LabDaemonSer
         raise CliError(
             f"serving needs labd's `server` extra ({exc}); install it with pip install 'labd[server]'"
         ) from None
-    server = LabDaemonServer(daemon, host=host, port=port)
+    server = LabDaemonServer(daemon, host=host, port=port, tokens=tokens)
     try:
         server.start(blocking=False)
     except Exception as exc:

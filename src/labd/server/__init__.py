@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from labd.server.app import create_app
+from labd.server.auth import Token, TokenTable, load_tokens
 from labd.server.lifecycle import LabDaemonServer, ServerState
 
 __all__ = [
@@ -29,7 +30,10 @@ __all__ = [
     "ServerAPIError",
     "ServerConnectionError",
     "ServerState",
+    "Token",
+    "TokenTable",
     "create_app",
+    "load_tokens",
 ]
 
 _FROM_CLIENT = frozenset({"SSEClient", "ServerAPI", "ServerAPIError", "ServerConnectionError"})

@@ -1,4 +1,4 @@
-"""Build the FastAPI app for one daemon: routes, error handling, body limit, CORS, lifespan.
+"""Build the FastAPI app for one daemon: routes, error handling, body limit, auth, CORS, lifespan.
 
 ``create_app`` is all wiring; the behaviour lives in the route modules. The app works with
 uvicorn (:class:`labd.server.LabDaemonServer`) and with Starlette's ``TestClient`` — use the
@@ -24,6 +24,7 @@ from labd.server import (
     routes_tasks,
     sse,
 )
+from labd.server.auth import BearerAuthMiddleware
 from labd.server.context import ServerContext, ServerSettings
 from labd.server.limits import BodyLimitMiddleware
 from labd.server.routing import endpoints_index, install_error_handlers, install_routes
@@ -78,6 +79,10 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     install_error_handlers(app)
     install_routes(app, ROUTES)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.tokens is not None:
+        # Outside the body limit (a stranger's body is never read), inside CORS (preflights
+        # need no token, and 401 answers carry CORS headers).
+        app.add_middleware(BearerAuthMiddleware, tokens=settings.tokens)
     if settings.cors_origins:
         # Added last, so it is outermost: error answers carry CORS headers too.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),

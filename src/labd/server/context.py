@@ -24,6 +24,7 @@ from labd.server.shutdown import ShutdownSignal
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
+    from labd.server.auth import TokenTable
 
 __all__ = ["ServerContext", "ServerSettings", "get_context", "guard_device_code"]
 
@@ -40,6 +41,7 @@ class ServerSettings:
     stream_ping: float = 15.0  # seconds between keep-alive comments on SSE streams
     stream_send_timeout: float = 30.0  # a client that accepts no bytes this long is dropped
     stream_maxsize: int = 1000  # default per-client stream buffer (items)
+    tokens: TokenTable | None = None  # None: no authentication (see labd.server.auth)
 
 
 class ServerContext:
@@ -96,7 +98,8 @@ class ServerContext:
         return device_id, method if isinstance(method, str) and method in slot.originals else "(unknown)"
 
 
-def get_context(request: Request) -> ServerContext:
+# async: FastAPI runs plain-def dependencies in a thread pool (two thread hops per request)
+async def get_context(request: Request) -> ServerContext:
     """The :class:`ServerContext` of the app serving ``request``."""
     context: ServerContext = request.app.state.labd
     return context

@@ -35,8 +35,10 @@ from labd.errors import (
 from labd.server.encoding import UnserializableResult
 
 __all__ = [
+    "Forbidden",
     "PayloadTooLarge",
     "ServerStopping",
+    "Unauthorized",
     "describe_exception",
     "device_fault",
     "error_response",
@@ -49,6 +51,14 @@ log = logging.getLogger("labd.server")
 
 class ServerStopping(LabDaemonException):
     """The server is stopping; the request was abandoned (HTTP 503 ``ServerStopping``)."""
+
+
+class Unauthorized(LabDaemonException):
+    """The request carries no bearer token this server knows (HTTP 401 ``Unauthorized``)."""
+
+
+class Forbidden(LabDaemonException):
+    """The caller's role is too low for the request (HTTP 403 ``Forbidden``)."""
 
 
 class PayloadTooLarge(HTTPException):
@@ -74,6 +84,8 @@ STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     DeviceError: (502, "device"),
     DaemonClosedError: (503, "framework"),
     ServerStopping: (503, "framework"),
+    Unauthorized: (401, "framework"),
+    Forbidden: (403, "framework"),
     UnserializableResult: (502, "device"),
     LabDaemonException: (500, "framework"),
 }

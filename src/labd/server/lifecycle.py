@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ import uvicorn
 
 from labd.errors import InvalidArgumentError
 from labd.server.app import create_app
+from labd.server.auth import Token, TokenTable
 from labd.server.context import ServerContext, ServerSettings
 
 if TYPE_CHECKING:
@@ -92,12 +93,17 @@ def _check_settings(
 class LabDaemonServer:
     """Serve a :class:`labd.LabDaemon` over HTTP and Server-Sent Events (docs/http-api.md).
 
-    Binds to 127.0.0.1 by default: labd has no authentication, so expose it to a network only
-    behind something that has. ``port=0`` picks a free port; read it back from :attr:`port`.
+    Binds to 127.0.0.1 by default. Without ``tokens`` there is no authentication: anyone who
+    reaches the port has full control. ``tokens`` maps bearer token strings to
+    ``Token(user, role)`` (or ``(user, role)``, or a :class:`labd.server.auth.TokenTable`);
+    then every request but ``GET /health`` needs a token, and its user is the caller's
+    principal (see docs/http-api.md, "Authentication"). Tokens travel in clear text over plain
+    HTTP: beyond a trusted network, put a TLS proxy in front. ``port=0`` picks a free port;
+    read it back from :attr:`port`.
 
     Example::
 
-        server = LabDaemonServer(daemon, port=0)
+        server = LabDaemonServer(daemon, port=0, tokens={"s3cret-token": Token("alice", "operator")})
         server.start()
         print(server.url)          # http://127.0.0.1:54321
         ...
@@ -115,6 +121,7 @@ class LabDaemonServer:
         cors_origins: Iterable[str] | None = None,
         stream_ping: float = 15.0,
         log_level: str = "warning",
+        tokens: TokenTable | Mapping[str, Token | tuple[str, str]] | None = None,
     ) -> None:
         _check_settings(host, port, request_timeout, max_body_bytes)
         origins = None if cors_origins is None else tuple(cors_origins)
@@ -124,8 +131,9 @@ class LabDaemonServer:
         self.host = host
         self.port = port
         self.log_level = log_level
+        table = None if tokens is None else TokenTable.coerce(tokens)
         settings = ServerSettings(request_timeout=float(request_timeout), max_body_bytes=max_body_bytes,
-                                  cors_origins=origins, stream_ping=stream_ping)
+                                  cors_origins=origins, stream_ping=stream_ping, tokens=table)
         self.app = create_app(daemon, settings)
         self._context: ServerContext = self.app.state.labd
         self._state = ServerState.NEW
