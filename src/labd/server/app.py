@@ -26,6 +26,7 @@ from labd.server import (
 )
 from labd.server.auth import BearerAuthMiddleware
 from labd.server.context import ServerContext, ServerSettings
+from labd.server.fastparse import document_call_body
 from labd.server.limits import BodyLimitMiddleware
 from labd.server.routing import endpoints_index, install_error_handlers, install_routes
 
@@ -78,6 +79,7 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     context.endpoints = endpoints_index(ROUTES)
     install_error_handlers(app)
     install_routes(app, ROUTES)
+    document_call_body(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.tokens is not None:
         # Outside the body limit (a stranger's body is never read), inside CORS (preflights

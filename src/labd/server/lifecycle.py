@@ -187,6 +187,8 @@ class LabDaemonServer:
             config = uvicorn.Config(
                 self.app, host=self.host, port=self.port, log_level=self.log_level,
                 log_config=None, access_log=False, lifespan="on", ws="none",
+                # No reverse proxy by default: skip uvicorn's X-Forwarded-* middleware layer.
+                proxy_headers=False, server_header=False,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             )
             server = self._server = _Uvicorn(config, self._context.shutdown.set)

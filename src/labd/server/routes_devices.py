@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import Response
 
 from labd.errors import InvalidArgumentError, LabDaemonException, utc_now_iso
 from labd.ownership import acting_as
 from labd.server.context import ServerContext, guard_device_code
 from labd.server.encoding import dumps, dumps_lenient
+from labd.server.fastparse import CALL_OPENAPI, call_body, path_id, remote_actor, timeout_query
 from labd.server.models import (
     AddDeviceRequest,
-    CallRequest,
     ConnectRequest,
     Ctx,
     DeviceIdPath,
@@ -109,11 +110,17 @@ async def disconnect_device(
     return json_bytes_response(info)
 
 
-async def call_device(
-    device_id: DeviceIdPath, body: CallRequest, ctx: Ctx, actor: RemoteActor,
-    timeout: TimeoutQuery = None,
-) -> Response:
-    """Call a public method as the remote caller: ``{"result": ..., "success": true}``."""
+async def call_device(request: Request) -> Response:
+    """Call a public method as the remote caller: ``{"result": ..., "success": true}``.
+
+    The hot path: parameters are read by :mod:`labd.server.fastparse`, not by FastAPI's
+    dependency injection (documented through ``openapi_extra``).
+    """
+    ctx: ServerContext = request.app.state.labd
+    device_id = path_id(request, "device_id")
+    actor = remote_actor(request)
+    timeout = timeout_query(request)
+    body = call_body(await request.body())
     what = f"{device_id}.{body.method}()"
 
     def job() -> bytes:
@@ -166,7 +173,7 @@ ROUTES = [
     RouteSpec("GET", "/devices/{device_id}/methods", get_device_methods),
     RouteSpec("POST", "/devices/{device_id}/connect", connect_device),
     RouteSpec("POST", "/devices/{device_id}/disconnect", disconnect_device),
-    RouteSpec("POST", "/devices/{device_id}/call", call_device),
+    RouteSpec("POST", "/devices/{device_id}/call", call_device, openapi_extra=CALL_OPENAPI),
     RouteSpec("GET", "/devices/{device_id}/error", get_device_error),
     RouteSpec("DELETE", "/devices/{device_id}/error", clear_device_error, 204),
     RouteSpec("POST", "/devices/{device_id}/stream/stop", stop_device_stream),

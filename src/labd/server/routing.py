@@ -58,6 +58,7 @@ class RouteSpec:
     endpoint: Callable[..., Any]
     status_code: int = 200
     responses: dict[int | str, dict[str, Any]] | None = None  # extra OpenAPI answers
+    openapi_extra: dict[str, Any] | None = None  # for routes that parse their own parameters
 
 
 def json_response(obj: Any, status_code: int = 200) -> Response:
@@ -108,6 +109,7 @@ def install_routes(app: FastAPI, specs: Sequence[RouteSpec]) -> None:
             spec.path, spec.endpoint, methods=[spec.method], status_code=spec.status_code,
             responses={**ERROR_DOCS, **(spec.responses or {})}, route_class_override=LabdRoute,
             summary=next(iter((spec.endpoint.__doc__ or "").strip().splitlines()), None),
+            openapi_extra=spec.openapi_extra,
         )
 
 
