@@ -14,7 +14,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -73,6 +73,16 @@ def _answer(answer: Any) -> Any:
 
 def _ignore(answer: Any) -> None:
     return None
+
+
+def _call(
+    device_id: str, method: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None,
+    timeout: float | None, expect: Callable[[Any], Any],
+) -> Call:
+    """The ``POST /devices/{id}/call`` request of :meth:`Endpoints.call` and friends."""
+    body = {"method": method, "args": _call_args(args), "kwargs": _call_kwargs(kwargs)}
+    return Call("POST", path("devices", device_id, "call"), body=body, expect=expect,
+                **_timed(timeout))
 
 
 def _timed(timeout: float | None) -> dict[str, Any]:
@@ -215,9 +225,7 @@ class Endpoints(RunHistoryEndpoints[R], Generic[R]):
         ``timeout`` (seconds) overrides the request timeout for a slow method: the server
         answers 504 (:class:`RemoteDeviceTimeoutError`) if the call takes longer.
         """
-        body = {"method": method, "args": _call_args(args), "kwargs": _call_kwargs(kwargs)}
-        where = path("devices", device_id, "call")
-        return self._send(Call("POST", where, body=body, expect=_result, **_timed(timeout)))
+        return self._send(_call(device_id, method, args, kwargs, timeout, _result))
 
     def call_device_method(
         self,
@@ -229,9 +237,7 @@ class Endpoints(RunHistoryEndpoints[R], Generic[R]):
         timeout: float | None = None,
     ) -> R:
         """LabDaemon's call: the answer ``{"result": value, "success": True}``; see :meth:`call`."""
-        body = {"method": method, "args": _call_args(args), "kwargs": _call_kwargs(kwargs)}
-        where = path("devices", device_id, "call")
-        return self._send(Call("POST", where, body=body, expect=_answer, **_timed(timeout)))
+        return self._send(_call(device_id, method, args, kwargs, timeout, _answer))
 
     def get_device_error(self, device_id: str) -> R:
         """``{"error": record}`` (with traceback) for the device's last error, or None."""
