@@ -1,0 +1,68 @@
+"""The worker pool: reuse, growth, retirement, and jobs never confined to one CPU."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from labd.workers import WorkerPool
+
+WAIT_S = 10.0
+
+
+def test_jobs_reuse_idle_threads_and_the_pool_grows_when_all_are_busy() -> None:
+    pool = WorkerPool(name="t-pool")
+    try:
+        idents: list[int] = []
+        for _ in range(20):
+            done = threading.Event()
+            pool.submit(lambda d=done: (idents.append(threading.get_ident()), d.set()))  # type: ignore[misc]
+            assert done.wait(WAIT_S)
+        assert len(set(idents)) <= 2  # sequential jobs run on the same one or two threads
+
+        release, started = threading.Event(), []
+        gate = threading.Semaphore(0)
+        for _ in range(5):
+            pool.submit(lambda: (started.append(1), gate.release(), release.wait(WAIT_S)))
+        for _ in range(5):
+            assert gate.acquire(timeout=WAIT_S), "a job waited behind a busy thread"
+        release.set()
+    finally:
+        assert pool.close(timeout=WAIT_S) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no per-thread CPU affinity here")
+def test_a_job_may_use_every_cpu_even_when_woken_on_the_submitters() -> None:
+    pool = WorkerPool(name="t-affinity")
+    try:
+        allowed = os.sched_getaffinity(0)
+        seen: list[set[int]] = []
+        for _ in range(5):  # the first job starts a thread, the later ones wake an idle one
+            done = threading.Event()
+            pool.submit(lambda d=done: (seen.append(os.sched_getaffinity(0)), d.set()))  # type: ignore[misc]
+            assert done.wait(WAIT_S)
+        assert all(cpus == allowed for cpus in seen), seen
+    finally:
+        pool.close(timeout=WAIT_S)
+
+
+def test_idle_threads_retire_after_the_idle_timeout() -> None:
+    pool = WorkerPool(name="t-retire", idle_timeout=0.05)
+    done = threading.Event()
+    pool.submit(done.set)
+    assert done.wait(WAIT_S)
+    threads = [t for t in threading.enumerate() if t.name.startswith("t-retire")]
+    for thread in threads:
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "an idle worker outlived its idle timeout"
+    pool.submit(done.set)  # and the pool still works afterwards
+    pool.close(timeout=WAIT_S)
+
+
+def test_a_closed_pool_refuses_jobs() -> None:
+    pool = WorkerPool(name="t-closed")
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit(lambda: None)
