@@ -1,4 +1,4 @@
-"""The worker pool: reuse, growth, retirement, and jobs never confined to one CPU."""
+"""The worker pools: reuse, growth, retirement, and jobs never confined to one CPU."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import threading
 
 import pytest
 
-from labd.workers import WorkerPool
+from labd.workers import AffineWorkerPool, WorkerPool
+
+POOLS = pytest.mark.parametrize("pool_class", [WorkerPool, AffineWorkerPool])
 
 WAIT_S = 10.0
 
 
-def test_jobs_reuse_idle_threads_and_the_pool_grows_when_all_are_busy() -> None:
-    pool = WorkerPool(name="t-pool")
+@POOLS
+def test_jobs_reuse_idle_threads_and_the_pool_grows_when_all_are_busy(pool_class: type) -> None:
+    pool = pool_class(name="t-pool")
     try:
         idents: list[int] = []
         for _ in range(20):
@@ -35,7 +38,7 @@ def test_jobs_reuse_idle_threads_and_the_pool_grows_when_all_are_busy() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no per-thread CPU affinity here")
 def test_a_job_may_use_every_cpu_even_when_woken_on_the_submitters() -> None:
-    pool = WorkerPool(name="t-affinity")
+    pool = AffineWorkerPool(name="t-affinity")
     try:
         allowed = os.sched_getaffinity(0)
         seen: list[set[int]] = []
@@ -48,8 +51,9 @@ def test_a_job_may_use_every_cpu_even_when_woken_on_the_submitters() -> None:
         pool.close(timeout=WAIT_S)
 
 
-def test_idle_threads_retire_after_the_idle_timeout() -> None:
-    pool = WorkerPool(name="t-retire", idle_timeout=0.05)
+@POOLS
+def test_idle_threads_retire_after_the_idle_timeout(pool_class: type) -> None:
+    pool = pool_class(name="t-retire", idle_timeout=0.05)
     done = threading.Event()
     pool.submit(done.set)
     assert done.wait(WAIT_S)
@@ -61,8 +65,9 @@ def test_idle_threads_retire_after_the_idle_timeout() -> None:
     pool.close(timeout=WAIT_S)
 
 
-def test_a_closed_pool_refuses_jobs() -> None:
-    pool = WorkerPool(name="t-closed")
+@POOLS
+def test_a_closed_pool_refuses_jobs(pool_class: type) -> None:
+    pool = pool_class(name="t-closed")
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit(lambda: None)

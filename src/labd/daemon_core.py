@@ -37,7 +37,7 @@ from labd.shutdown import ShutdownReport
 from labd.store import RunStore
 from labd.streaming import DEFAULT_MAXSIZE, StreamHub
 from labd.tasks import TaskRun
-from labd.workers import WorkerPool
+from labd.workers import AffineWorkerPool
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
@@ -122,7 +122,7 @@ class DaemonCore:
         self._finished: deque[str] = deque()
         self._auto_ids = itertools.count(1)
         self._timer = DeadlineTimer()
-        self._pool = WorkerPool()
+        self._pool = AffineWorkerPool()
         self.events = StreamHub("events", history=512)
         self._claims = ClaimRegistry(self._slot_for_claims, self._timer, self._publish_event)
         self._streams = DeviceStreams(cast("LabDaemon", self))  # always a LabDaemon at run time
