@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from labd.workers import AffineWorkerPool, WorkerPool
+from labd.workers import AffineWorkerPool, WorkerPool, defer_until_idle, wait_on_this_cpu
 
 POOLS = pytest.mark.parametrize("pool_class", [WorkerPool, AffineWorkerPool])
 
@@ -71,3 +71,40 @@ def test_a_closed_pool_refuses_jobs(pool_class: type) -> None:
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit(lambda: None)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no per-thread CPU affinity here")
+def test_waiting_on_this_cpu_restores_the_callers_affinity() -> None:
+    before = os.sched_getaffinity(0)
+    event = threading.Event()
+    seen: list[set[int]] = []
+
+    def setter() -> None:
+        seen.append(set())  # the waiter is blocked now (or about to be)
+        event.set()
+
+    timer = threading.Timer(0.01, setter)
+    timer.start()
+    assert wait_on_this_cpu(event, timeout=WAIT_S)
+    timer.join()
+    assert os.sched_getaffinity(0) == before
+    assert wait_on_this_cpu(threading.Event(), timeout=0.01) is False  # a timeout still works
+    assert os.sched_getaffinity(0) == before
+
+
+def test_a_deferred_wake_runs_after_the_job_and_only_inside_an_affine_pool() -> None:
+    assert defer_until_idle(lambda: None) is False  # not on a pool thread: nothing deferred
+    pool = AffineWorkerPool(name="t-defer")
+    order: list[str] = []
+    done = threading.Event()
+
+    def job() -> None:
+        assert defer_until_idle(lambda: (order.append("wake"), done.set()))
+        order.append("job end")
+
+    try:
+        pool.submit(job)
+        assert done.wait(WAIT_S)
+        assert order == ["job end", "wake"]
+    finally:
+        pool.close(timeout=WAIT_S)

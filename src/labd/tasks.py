@@ -23,6 +23,7 @@ from labd.errors import (
 )
 from labd.ownership import Actor, Owner, PendingClaim, acting_as
 from labd.streaming import StreamHub
+from labd.workers import defer_until_idle, wait_on_this_cpu
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
@@ -302,7 +303,8 @@ class TaskRun(Owner):
             # Trim the retained-run buffer before waking waiters, so that after wait()
             # returns, list_tasks()/get_task() already reflect any eviction.
             self._daemon._run_finished(self)
-            self.done_event.set()
+            if not defer_until_idle(self.done_event.set):
+                self.done_event.set()
         hub = self._hub
         if hub is not None:
             hub.publish({"event": "finished", "task_id": self.task_id, "status": state.value})
@@ -365,7 +367,7 @@ class TaskHandle:
         :class:`TaskFailedError` (chained from the task's exception) if it failed.
         """
         run = self._run
-        if not run.done_event.wait(timeout):
+        if not wait_on_this_cpu(run.done_event, timeout):
             raise TimeoutError(
                 f"Task {self.task_id!r} is still {run.state.value} after waiting {timeout} s."
             )

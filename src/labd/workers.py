@@ -27,8 +27,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-__all__ = ["AffineWorkerPool", "WorkerPool"]
+__all__ = ["AffineWorkerPool", "WorkerPool", "defer_until_idle", "wait_on_this_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,59 @@ def _cpu_probe() -> Callable[[], int] | None:
 
 
 _SCHED_GETCPU = _cpu_probe()
+
+# The deferred wake-up of the job running on this thread (see defer_until_idle).
+_current = threading.local()
+
+
+def defer_until_idle(wake: Callable[[], None]) -> bool:
+    """Run ``wake`` when this pool thread has finished its job's bookkeeping and is about to
+    sleep, instead of now; False (and nothing deferred) outside an :class:`AffineWorkerPool` job.
+
+    A task run wakes its waiter this way: the waiter then finds the worker's CPU free and
+    the GIL released, instead of being woken on another CPU only to wait for both.
+    """
+    pending = getattr(_current, "deferred", None)
+    if pending is None:
+        return False
+    pending.append(wake)
+    return True
+
+
+class Waitable(Protocol):
+    """Anything with ``is_set()`` and ``wait(timeout) -> bool`` (an Event, a Latch)."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def wait_on_this_cpu(event: Waitable, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)``, keeping the calling thread on its CPU while it sleeps.
+
+    The worker an :class:`AffineWorkerPool` woke for us runs on this CPU; when it sets
+    ``event`` the scheduler would otherwise wake us on the idle other CPU (an interrupt, tens
+    of microseconds) just because the worker is still on ours. The thread's own affinity is
+    restored as soon as it wakes, so only where it sleeps changes.
+    """
+    if event.is_set() or _SCHED_GETCPU is None:
+        return event.wait(timeout)
+    try:
+        mask = os.sched_getaffinity(0)
+        if len(mask) > 1:
+            os.sched_setaffinity(0, {_SCHED_GETCPU()})
+        else:
+            mask = set()
+    except OSError:
+        return event.wait(timeout)
+    try:
+        return event.wait(timeout)
+    finally:
+        if mask:
+            try:
+                os.sched_setaffinity(0, mask)
+            except OSError:
+                pass
 
 
 class _Worker:
@@ -202,16 +256,23 @@ class AffineWorkerPool:
                 except OSError:
                     pass
             self._busy.add(me)
+            deferred: list[Job] = []
+            _current.deferred = deferred
             try:
                 job()
             except BaseException:  # a job must never kill its worker silently
                 log.exception("labd worker job raised")
+            _current.deferred = None
             me.name = base_name
             with self._mutex:
                 self._busy.discard(me)
-                if self._closed or len(self._idle) >= self._max_idle:
-                    break
-                self._idle.append(worker)
+                retire = self._closed or len(self._idle) >= self._max_idle
+                if not retire:
+                    self._idle.append(worker)
+            for wake in deferred:
+                wake()
+            if retire:
+                break
             if not worker.gate.acquire(True, self._idle_timeout):
                 with self._mutex:
                     if worker in self._idle:  # nobody picked us: retire
