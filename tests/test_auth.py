@@ -8,11 +8,7 @@ with each role too low, and with each role high enough, and checks 401, 403 and 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +23,14 @@ import labd
 from labd.client import ServerAPI, ServerAuthError, SSEClient
 from labd.server import LabDaemonServer
 from labd.server.auth import ROLES, Token, TokenTable, load_tokens, required_role
-from labd.testing import FakeDevice, FakeStreamer, RunningServer, gated_task, running_server
+from labd.testing import (
+    FakeDevice,
+    FakeStreamer,
+    LabdProcess,
+    RunningServer,
+    gated_task,
+    running_server,
+)
 
 pytestmark = pytest.mark.server
 
@@ -577,54 +580,18 @@ def test_banner_warns_about_a_network_address_without_tokens(
     assert "auth:      1 token (roles: 1 operator)" in out and err == ""
 
 
-def _read_lines(stream: Any, lines: queue.Queue[str]) -> None:
-    for line in iter(stream.readline, ""):
-        lines.put(line)
-
-
-def _wait_for(lines: queue.Queue[str], text: str, seen: list[str]) -> str:
-    while True:
-        try:
-            line = lines.get(timeout=30.0)
-        except queue.Empty:
-            pytest.fail(f"labd serve printed no line with {text!r}; output: {''.join(seen)!r}")
-        seen.append(line)
-        if text in line:
-            return line
-
-
 def test_serve_subprocess_with_tokens_answers_401_then_200(tmp_path: Path) -> None:
     path = tmp_path / "tokens.toml"
     path.write_text(TOKENS_TOML)
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "labd.cli", "serve", "--demo", "--port", "0", "--no-db",
-         "--tokens", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
-    reader.start()
-    seen: list[str] = []
-    try:
-        url = _wait_for(lines, "labd serving", seen).split(" at ")[-1].strip()
-        assert "2 tokens (roles: 1 admin, 1 operator)" in _wait_for(lines, "auth:", seen)
+    with LabdProcess("serve", "--demo", "--port", "0", "--no-db", "--tokens", str(path)) as proc:
+        url = proc.wait_for("labd serving").split(" at ")[-1].strip()
+        assert "2 tokens (roles: 1 admin, 1 operator)" in proc.wait_for("auth:")
         assert httpx.get(f"{url}/devices", timeout=WATCHDOG_S).status_code == 401
         answer = httpx.get(f"{url}/devices", headers=bearer(ALICE_TOKEN), timeout=WATCHDOG_S)
         assert answer.status_code == 200
         with ServerAPI(url, token=ALICE_TOKEN, timeout=WATCHDOG_S) as api:
             assert api.call("laser1", "get_wavelength") == 1550.0
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=15.0) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=15.0)
-        reader.join(timeout=15.0)
-        if process.stdout is not None:
-            process.stdout.close()
-    while not lines.empty():
-        seen.append(lines.get_nowait())
-    output = "".join(seen)
+        assert proc.stop(signal.SIGINT) == 0
+    output = proc.output()
     assert "Traceback" not in output and "labd stopped" in output
     assert_no_token_in(output)

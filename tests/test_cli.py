@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +16,13 @@ from labd.cli import app
 from labd.cli.args import parse_call_args, parse_params, parse_value
 from labd.cli.errors import CliError
 from labd.cli.output import sparkline
+from labd.testing import LabdProcess
 
 pytestmark = pytest.mark.server
 
 # Wide, colourless output: rich wraps at 80 columns and adds escape codes otherwise.
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "LABD_URL": None}
 SERVE_START_TIMEOUT_S = 30.0
-SERVE_STOP_TIMEOUT_S = 15.0
 TASK_TIMEOUT_S = 20.0
 
 
@@ -301,111 +297,31 @@ def test_serve_busy_port_exits_1(runner: CliRunner, busy_port: int) -> None:
     assert_one_line_error(result, f"127.0.0.1:{busy_port}", "already in use", "--port")
 
 
-def _read_lines(stream: Any, lines: queue.Queue[str]) -> None:
-    for line in iter(stream.readline, ""):
-        lines.put(line)
-
-
-def _wait_for_line(lines: queue.Queue[str], text: str, seen: list[str]) -> str:
-    """The first line containing ``text``; fail (with what was seen) after the timeout."""
-    while True:
-        try:
-            line = lines.get(timeout=SERVE_START_TIMEOUT_S)
-        except queue.Empty:
-            pytest.fail(
-                f"labd serve printed no line with {text!r} in {SERVE_START_TIMEOUT_S} s; "
-                f"output: {''.join(seen)!r}"
-            )
-        seen.append(line)
-        if text in line:
-            return line
-
-
 def test_serve_subprocess_answers_then_stops_on_sigint() -> None:
     from labd.client import ServerAPI
 
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "labd.cli", "serve", "--demo", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
-    reader.start()
-    seen: list[str] = []
-    try:
-        banner = _wait_for_line(lines, "labd serving", seen)
+    with LabdProcess("serve", "--demo", "--port", "0", timeout=SERVE_START_TIMEOUT_S) as proc:
+        banner = proc.wait_for("labd serving")
         url = banner.split(" at ")[-1].strip()
         assert url.startswith("http://127.0.0.1:")
         with ServerAPI(url, timeout=10.0) as api:
             assert api.health()["status"] == "healthy"
             assert api.call("laser1", "get_wavelength") == 1550.0
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=SERVE_STOP_TIMEOUT_S) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=SERVE_STOP_TIMEOUT_S)
-        reader.join(timeout=SERVE_STOP_TIMEOUT_S)
-        if process.stdout is not None:
-            process.stdout.close()
-    while not lines.empty():
-        seen.append(lines.get_nowait())
-    output = "".join(seen)
+        assert proc.stop(signal.SIGINT) == 0
+    output = proc.output()
     assert "Traceback" not in output
     assert "labd stopped" in output
 
 
 def test_ctrl_c_while_following_cancels_the_run(lab: Any) -> None:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("LABD_URL", None)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "labd.cli",
-            "run",
-            "WavelengthSweep",
-            "laser_id=laser1",
-            "detector_id=pm1",
-            "start_wl=1545",
-            "stop_wl=1555",
-            "steps=100000",
-            "dwell=0.01",
-            "--id",
-            "followed1",
-            "--follow",
-            "--url",
-            lab.url,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
-    reader.start()
-    seen: list[str] = []
-    try:
-        _wait_for_line(lines, "started task 'followed1'", seen)
+    args = ["run", "WavelengthSweep", "laser_id=laser1", "detector_id=pm1", "start_wl=1545",
+            "stop_wl=1555", "steps=100000", "dwell=0.01", "--id", "followed1", "--follow",
+            "--url", lab.url]
+    with LabdProcess(*args, env={"LABD_URL": None}, timeout=SERVE_START_TIMEOUT_S) as proc:
+        proc.wait_for("started task 'followed1'")
         # stdin is not a terminal, so Ctrl-C cancels without asking.
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=SERVE_STOP_TIMEOUT_S) == 130
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=SERVE_STOP_TIMEOUT_S)
-        reader.join(timeout=SERVE_STOP_TIMEOUT_S)
-        if process.stdout is not None:
-            process.stdout.close()
-    while not lines.empty():
-        seen.append(lines.get_nowait())
-    output = "".join(seen)
+        assert proc.stop(signal.SIGINT) == 130
+    output = proc.output()
     assert "Traceback" not in output
     assert "Cancellation of task 'followed1' requested" in output
     assert lab.daemon.get_task("followed1").info()["status"] == "cancelled"

@@ -9,12 +9,7 @@ survived. The other tests use an in-process daemon with a store behind a real se
 from __future__ import annotations
 
 import asyncio
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +24,7 @@ import pytest
 import labd as ld
 from labd.client import AsyncServerAPI, RemoteUnknownTaskError, ServerAPI
 from labd.store import RunStore
-from labd.testing import running_server
+from labd.testing import LabdProcess, running_server
 
 pytestmark = pytest.mark.server
 
@@ -95,56 +90,13 @@ def recorded(tmp_path: Path, **daemon_kw: Any) -> Iterator[Any]:
 
 
 # ---------------------------------------------------------------------- the acceptance test
-class Serve:
-    """``labd serve --demo --db DB --port 0`` as a child process, its output read by a thread."""
+class Serve(LabdProcess):
+    """``labd serve --demo --db DB --port 0`` as a child process; ``url`` once it serves."""
 
     def __init__(self, db: Path) -> None:
-        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
-        env.pop("LABD_DB", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "labd.cli", "serve", "--demo", "--db", str(db), "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.url = self._wait_for("labd serving").split(" at ")[-1].strip()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in iter(self.process.stdout.readline, ""):
-            self.lines.put(line)
-
-    def _wait_for(self, text: str) -> str:
-        deadline = time.monotonic() + WATCHDOG_S
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"labd serve printed no {text!r} in {WATCHDOG_S} s: {self.seen!r}")
-            self.seen.append(line)
-            if text in line:
-                return line
-
-    def output(self) -> str:
-        while not self.lines.empty():
-            self.seen.append(self.lines.get_nowait())
-        return "".join(self.seen)
-
-    def kill(self, sig: int) -> int:
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout=WATCHDOG_S)
-        self.close()
-        return code
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=WATCHDOG_S)
-        self.reader.join(timeout=WATCHDOG_S)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        super().__init__("serve", "--demo", "--db", str(db), "--port", "0",
+                         env={"LABD_DB": None}, timeout=WATCHDOG_S)
+        self.url = self.wait_for("labd serving").split(" at ")[-1].strip()
 
 
 def _finished(api: ServerAPI, task_id: str) -> dict[str, Any] | None:
@@ -180,7 +132,7 @@ def test_history_survives_kill_9_of_labd_serve(tmp_path: Path) -> None:
         with ServerAPI(first.url, timeout=10.0) as api:
             wait_until(lambda: api.health()["status"] == "healthy", "the first server's /health")
             results, seen = _before_the_crash(api)
-        assert first.kill(signal.SIGKILL) == -signal.SIGKILL
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     finally:
         first.close()
 
@@ -192,7 +144,7 @@ def test_history_survives_kill_9_of_labd_serve(tmp_path: Path) -> None:
             errors = api.get_device_error_history("laser1")["errors"]
             interrupted = api.list_runs(status="interrupted")["runs"]
             health = api.health()
-        assert second.kill(signal.SIGINT) == 0
+        assert second.stop(signal.SIGINT) == 0
     finally:
         second.close()
     assert sweep1["status"] == "completed"

@@ -17,8 +17,13 @@ The fakes are plain device classes (no base class), like a lab's own drivers, an
 
 from __future__ import annotations
 
+import os
+import queue
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +35,7 @@ __all__ = [
     "BlockingDevice",
     "FakeDevice",
     "FakeStreamer",
+    "LabdProcess",
     "RunningServer",
     "gated_task",
     "running_server",
@@ -231,3 +237,86 @@ def gated_task(
             return {"status": "completed", "result": self.result}
 
     return GatedTask
+
+
+class LabdProcess:
+    """``labd ARGS...`` as a child process, its output read line by line on a thread.
+
+    For tests of ``labd serve`` and other commands as a user runs them. Use it as a context
+    manager (the process is killed on exit if still running). ``env`` updates the child's
+    environment; a key mapped to None is removed.
+
+    Example::
+
+        with LabdProcess("serve", "--demo", "--port", "0") as proc:
+            url = proc.wait_for("labd serving").split(" at ")[-1].strip()
+            ...
+            assert proc.stop(signal.SIGINT) == 0
+    """
+
+    def __init__(
+        self, *args: str, env: Mapping[str, str | None] | None = None, timeout: float = 30.0
+    ) -> None:
+        child_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+        for key, value in (env or {}).items():
+            if value is None:
+                child_env.pop(key, None)
+            else:
+                child_env[key] = value
+        self.timeout = timeout
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "labd.cli", *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env,
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="labd-process-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in iter(self.process.stdout.readline, ""):
+            self._lines.put(line)
+
+    def wait_for(self, text: str) -> str:
+        """The first new line containing ``text``; AssertionError (with the output) on timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"labd printed no line with {text!r} in {self.timeout} s; "
+                    f"output: {''.join(self._seen)!r}"
+                ) from None
+            self._seen.append(line)
+            if text in line:
+                return line
+
+    def output(self) -> str:
+        """Everything printed so far."""
+        while not self._lines.empty():
+            self._seen.append(self._lines.get_nowait())
+        return "".join(self._seen)
+
+    def stop(self, sig: int) -> int:
+        """Send ``sig``, wait for the exit (bounded), close, and return the exit code."""
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=self.timeout)
+        self.close()
+        return code
+
+    def close(self) -> None:
+        """Kill the process if it still runs and stop reading. Idempotent."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=self.timeout)
+        self._reader.join(timeout=self.timeout)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def __enter__(self) -> LabdProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
