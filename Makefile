@@ -9,10 +9,11 @@ PYTEST_ARGS ?=
 # Only lint the trees that exist: git does not keep empty folders, and ruff fails on a missing path.
 LINT_PATHS := $(wildcard src tests bench)
 
-.PHONY: help demo test bench lint fmt clean install
+.PHONY: help demo test fuzz bench lint fmt clean install
 
 help:
 	@echo "make demo  - run the simulated lab in-process | make test - lint, type-check, import contracts, pytest"
+	@echo "make fuzz  - property tests with random seeds and many examples (not part of make test)"
 	@echo "make bench - run the benchmarks (bench/run.py)"
 	@echo "make lint  - ruff, mypy and import contracts only"
 	@echo "make fmt   - format and auto-fix with ruff"
@@ -37,6 +38,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Property and fuzz tests (marker `fuzz`) with random seeds and many more examples than the
+# derandomized CI run; a failure prints the input to pin with @example.
+fuzz: $(STAMP)
+	LABD_HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -m fuzz -p no:cacheprovider --timeout=1800 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

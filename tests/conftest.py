@@ -36,10 +36,32 @@ THREAD_GRACE_S = 5.0
 # Each wait inside that grace is short, so a fast shutdown costs the test almost nothing.
 THREAD_POLL_S = 0.05
 
-# Hypothesis's per-example deadline is a timing assertion; on a loaded CI machine with
-# background threads it fails for reasons unrelated to the code under test.
+# Hypothesis profiles. None has a per-example deadline: that is a timing assertion, and on
+# a loaded CI machine with background threads it fails for reasons unrelated to the code.
+#   labd  (a developer's `make test`): random draws, failures remembered in .hypothesis/
+#   ci    (CI=true, so every landing): derandomized, so a landing never depends on a draw;
+#         inputs a random run once found are pinned with @example in the tests themselves
+#   fuzz  (`make fuzz`): random seeds and many more examples, to find new failing inputs
+# LABD_HYPOTHESIS_PROFILE picks one explicitly.
 hypothesis.settings.register_profile("labd", deadline=None)
-hypothesis.settings.load_profile("labd")
+hypothesis.settings.register_profile(
+    "ci", deadline=None, derandomize=True, database=None, print_blob=True
+)
+hypothesis.settings.register_profile(
+    "fuzz", deadline=None, max_examples=5000, print_blob=True, derandomize=False
+)
+
+
+def _hypothesis_profile() -> str:
+    import os
+
+    chosen = os.environ.get("LABD_HYPOTHESIS_PROFILE")
+    if chosen:
+        return chosen
+    return "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "labd"
+
+
+hypothesis.settings.load_profile(_hypothesis_profile())
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -33,13 +33,21 @@ from labd.io import (
 
 
 def same(loaded: Any, original: Any) -> bool:
-    """Equal, with NaN equal to NaN; an array may come back as a list or an array."""
-    if isinstance(original, np.ndarray) or (
-        isinstance(loaded, np.ndarray) and isinstance(original, list | tuple)
-    ):
-        expected = np.asarray(original)
-        got = np.asarray(loaded, dtype=expected.dtype)
-        return got.shape == expected.shape and np.array_equal(got, expected, equal_nan=True)
+    """Equal, exactly: NaN equals NaN, -0.0 is not 0.0, and an int is not its nearest float.
+
+    An array may come back as a list or a list as an array (HDF5 stores rectangular numeric
+    lists as datasets); then each element is compared by value, so a list of ints that came
+    back as a float array is the same only if every int survived the conversion exactly.
+    """
+    if isinstance(original, np.ndarray):
+        got = np.asarray(loaded, dtype=original.dtype)
+        return (
+            got.shape == original.shape
+            and np.array_equal(got, original, equal_nan=True)
+            and _same_zero_signs(got, original)
+        )
+    if isinstance(loaded, np.ndarray) and isinstance(original, list | tuple):
+        return same(loaded.tolist(), _plain(original)) or _same_numbers(loaded, original)
     if isinstance(original, dict):
         return (
             isinstance(loaded, dict)
@@ -53,16 +61,61 @@ def same(loaded: Any, original: Any) -> bool:
             and all(same(a, b) for a, b in zip(loaded, original, strict=True))
         )
     if isinstance(original, float):
-        return isinstance(loaded, float) and (
-            loaded == original or (math.isnan(loaded) and math.isnan(original))
-        )
+        return isinstance(loaded, float) and _same_float(loaded, original)
     if isinstance(original, complex):
         return (
             isinstance(loaded, complex)
-            and same(loaded.real, original.real)
-            and same(loaded.imag, original.imag)
+            and _same_float(loaded.real, original.real)
+            and _same_float(loaded.imag, original.imag)
         )
     return type(loaded) is type(original) and loaded == original
+
+
+def _same_float(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+def _same_zero_signs(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
+    if a.dtype.kind == "c":
+        return _same_zero_signs(a.real, b.real) and _same_zero_signs(a.imag, b.imag)
+    if a.dtype.kind != "f":
+        return True
+    zeros = b == 0  # the sign of a NaN carries no meaning; only -0.0 vs 0.0 counts
+    return bool(np.array_equal(np.signbit(a[zeros]), np.signbit(b[zeros])))
+
+
+def _plain(value: Any) -> Any:
+    """Arrays inside a list as nested Python lists, to compare with an array's `tolist()`."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same_numbers(loaded: np.ndarray[Any, Any], original: list[Any] | tuple[Any, ...]) -> bool:
+    """A numeric list that came back as an array: same shape, and each value exactly equal."""
+    flat = np.asarray(original, dtype=object)
+    if flat.shape != loaded.shape:
+        return False
+    for got, want in zip(loaded.ravel().tolist(), flat.ravel().tolist(), strict=True):
+        want = want.item() if isinstance(want, np.generic) else want
+        if isinstance(want, bool) != isinstance(got, bool):
+            return False
+        if isinstance(got, complex) or isinstance(want, complex):
+            if not same(complex(got), complex(want)):
+                return False
+        elif isinstance(got, float) or isinstance(want, float):
+            # Python compares an int and a float exactly: 2**53 + 1 != 2.0**53.
+            if not (got == want or (math.isnan(got) and math.isnan(want))):
+                return False
+            if got == 0 and math.copysign(1.0, got) != math.copysign(1.0, float(want)):
+                return False
+        elif got != want:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- strategies
@@ -73,17 +126,34 @@ arrays = hnp.arrays(
     shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4),
 )
 int64s = st.integers(-(2**63), 2**63 - 1)
+# What labs store and random draws rarely reach: signed zeros, NaN and infinities, the
+# extremes of float64, and ints that a float64 cannot hold exactly.
+special_floats = st.sampled_from([0.0, -0.0, math.nan, math.inf, -math.inf, 5e-324, 1.7976931348623157e308])
+edge_ints = st.sampled_from([0, -1, 2**53 + 1, -(2**53 + 1), 2**63 - 1, -(2**63)])
 scalars = (
     st.none()
     | st.booleans()
     | int64s
+    | edge_ints
     | st.floats()  # includes NaN, +inf, -inf
+    | special_floats
     | st.complex_numbers()
+)
+# Nested lists of mixed numbers (rectangular or ragged), with empty lists among them.
+numbers = edge_ints | st.integers(-3, 3) | special_floats | st.floats() | st.complex_numbers()
+number_lists = st.recursive(
+    numbers | st.just([]), lambda children: st.lists(children, max_size=4), max_leaves=10
+)
+# Arrays whose sides are all 1 make lists of arrays of different ndim but compatible
+# leading shapes, e.g. [zeros((1, 1)), zeros(1)]: the input that broke save_hdf5 (issue 11).
+unit_arrays = hnp.arrays(
+    dtype=st.sampled_from(DTYPES),
+    shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=1),
 )
 
 
 def trees(keys: st.SearchStrategy[str], texts: st.SearchStrategy[str]) -> Any:
-    leaves = scalars | texts | arrays
+    leaves = scalars | texts | arrays | number_lists | st.lists(unit_arrays, max_size=3)
     return st.recursive(
         leaves,
         lambda children: (
@@ -101,12 +171,15 @@ json_keys = st.text(max_size=8)
 h5_texts = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=8)
 h5_keys = st.text(
     st.characters(exclude_categories=["Cs"], exclude_characters="/\x00"), min_size=1, max_size=8
-).filter(lambda k: k != ".")
+).filter(lambda k: k not in (".", "labd_json_keys")) | st.sampled_from(
+    ["é", "e\u0301", "µW", "波长", "0", "1", "data", "metadata", " ", ".."]
+)
 
 
 # ---------------------------------------------------------------- JSON
 
 
+@pytest.mark.fuzz
 @reuses_tmp_path
 @given(data=st.dictionaries(json_keys, trees(json_keys, st.text()), max_size=5))
 def test_json_round_trips_nested_data(tmp_path: Path, data: dict[str, Any]) -> None:
@@ -260,11 +333,16 @@ def test_json_save_that_fails_at_rename_removes_its_temporary_file(tmp_path: Pat
 # ---------------------------------------------------------------- HDF5
 
 
+@pytest.mark.fuzz
 @reuses_tmp_path
 @given(
     data=st.dictionaries(h5_keys, trees(h5_keys, h5_texts), max_size=5),
     metadata=st.dictionaries(h5_keys, trees(h5_keys, st.text()), max_size=3),
 )
+@example(data={"0": [np.zeros((1, 1)), np.zeros(1)]}, metadata={})  # issue 11: a ValueError
+@example(data={"n": [2**53 + 1, 0.5]}, metadata={})  # was stored as floats, silently rounded
+@example(data={"n": [[1, -0.0], [math.nan, 2**63 - 1]]}, metadata={"z": [-0.0, math.inf]})
+@example(data={"e": [], "m": [[], [1, 2.5j]]}, metadata={"波长": {"µW": [math.nan]}})
 def test_hdf5_round_trips_nested_data_and_metadata(
     tmp_path: Path, data: dict[str, Any], metadata: dict[str, Any]
 ) -> None:
@@ -385,6 +463,26 @@ def test_hdf5_rejects_what_it_cannot_store_faithfully(
 ) -> None:
     with pytest.raises(UnsupportedDataError, match=match):
         save_hdf5(data, tmp_path / "x.h5")
+
+
+def test_hdf5_list_of_arrays_of_different_ndim_round_trips(tmp_path: Path) -> None:
+    """Issue 11: shapes (1, 1) and (1,) fit in an object array but in no numeric one."""
+    data = {"traces": [np.zeros((1, 1)), np.ones(1, dtype=np.int32)]}
+    loaded = load_hdf5(save_hdf5(data, tmp_path / "x.h5"))
+    assert loaded["traces"][0].shape == (1, 1)
+    assert loaded["traces"][1].dtype == np.int32
+
+
+def test_hdf5_never_rounds_an_int_that_shares_a_list_with_floats(tmp_path: Path) -> None:
+    loaded = load_hdf5(save_hdf5({"n": [2**53 + 1, 0.5], "ok": [2, 0.5]}, tmp_path / "x.h5"))
+    assert loaded["n"] == [2**53 + 1, 0.5]
+    assert loaded["ok"].tolist() == [2.0, 0.5]  # exact ints still make a float dataset
+
+
+def test_hdf5_refuses_the_reserved_metadata_key(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedDataError, match=r"'labd_json_keys' is reserved by labd"):
+        save_hdf5({}, tmp_path / "x.h5", metadata={"labd_json_keys": None})
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_hdf5_refuses_to_replace_a_file_unless_asked(tmp_path: Path) -> None:

@@ -418,6 +418,7 @@ def test_racing_claims_never_double_grant_and_never_deadlock(bench: ld.LabDaemon
     assert all(bench.owner_of(d) is None for d in DEVICES)
 
 
+@pytest.mark.fuzz
 @settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sets(st.sampled_from(DEVICES), min_size=1, max_size=3), min_size=2, max_size=6))
 def test_overlapping_waiters_start_in_submission_order(wanted: list[set[str]]) -> None:

@@ -57,6 +57,7 @@ _SUPPORTED = (
 )
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _INT_RANGE = range(-(2**63), 2**64)  # what orjson and HDF5 integers can hold
+_JSON_KEYS_ATTR = "labd_json_keys"  # a metadata attribute naming the JSON-encoded ones
 _COMPRESS_MIN_BYTES = 8192  # below this, chunking + gzip costs more than it saves
 
 
@@ -285,22 +286,30 @@ def _list_array(items: list[Any] | tuple[Any, ...]) -> np.ndarray[Any, Any] | No
     """`items` as an array if it is a rectangular list of only bools, numbers or strings.
 
     Strings come back as an object array; anything else (mixed, ragged, dicts, None, empty,
-    ints that would silently become floats) returns None and is stored as a list group.
+    ints that a float array cannot hold exactly) returns None and is stored as a list group,
+    which round-trips every item as it is.
     """
     try:
         leaves = np.asarray(items, dtype=object).ravel().tolist()
-    except ValueError:  # ragged lists of arrays
+        if leaves and all(isinstance(v, str) for v in leaves):
+            return np.asarray(items, dtype=object)
+        if leaves and all(isinstance(v, bool | np.bool_) for v in leaves):
+            return np.asarray(items, dtype=bool)
+        numbers = (int, float, complex, np.number)
+        if not leaves or not all(isinstance(v, numbers) and type(v) is not bool for v in leaves):
+            return None
+        arr = np.asarray(items)
+    except ValueError:
+        # Ragged nesting. An object array can also hold arrays of shapes (1, 1) and (1,)
+        # side by side, which no numeric array can: those are stored item by item too.
         return None
-    if leaves and all(isinstance(v, str) for v in leaves):
-        return np.asarray(items, dtype=object)
-    if leaves and all(isinstance(v, bool | np.bool_) for v in leaves):
-        return np.asarray(items, dtype=bool)
-    numbers = (int, float, complex, np.number)
-    if not leaves or not all(isinstance(v, numbers) and type(v) is not bool for v in leaves):
+    ints = [v for v in leaves if isinstance(v, int | np.integer)]
+    if len(ints) == len(leaves):
+        return arr if arr.dtype.kind in "iu" else None  # e.g. [-1, 2**63] would become floats
+    if arr.dtype.kind not in "fc":
         return None
-    arr = np.asarray(items)
-    exact = "iu" if all(isinstance(v, int | np.integer) for v in leaves) else "iufc"
-    return arr if arr.dtype.kind in exact else None
+    # Ints mixed with floats become floats: only when every int survives that exactly.
+    return arr if all(float(v) == v for v in ints) else None
 
 
 def _h5_strings(group: Any, name: str, arr: np.ndarray[Any, Any], path: str, kind: str) -> None:
@@ -375,6 +384,11 @@ def _h5_write_metadata(group: Any, metadata: Mapping[Any, Any]) -> None:
     json_keys = []
     for key, value in metadata.items():
         name, path = _check_text(_key_text(key, "metadata"), "metadata"), f"metadata[{key!r}]"
+        if name == _JSON_KEYS_ATTR:
+            raise UnsupportedDataError(
+                f"{path}: the metadata key {name!r} is reserved by labd (it lists the keys "
+                "stored as JSON text); rename it."
+            )
         if _attr_native(value, path):
             group.attrs[name] = value
         else:
@@ -382,7 +396,7 @@ def _h5_write_metadata(group: Any, metadata: Mapping[Any, Any]) -> None:
             group.attrs[name] = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY).decode()
             json_keys.append(name)
     if json_keys:
-        group.attrs["labd_json_keys"] = orjson.dumps(json_keys).decode()
+        group.attrs[_JSON_KEYS_ATTR] = orjson.dumps(json_keys).decode()
 
 
 def _h5_read(item: Any) -> Any:
@@ -403,12 +417,12 @@ def _h5_read(item: Any) -> Any:
 
 
 def _h5_read_metadata(group: Any) -> dict[str, Any]:
-    json_keys = set(orjson.loads(group.attrs.get("labd_json_keys", "[]")))
+    json_keys = set(orjson.loads(group.attrs.get(_JSON_KEYS_ATTR, "[]")))
     metadata: dict[str, Any] = {}
     for name, value in group.attrs.items():
         if name in json_keys:
             metadata[name] = _decode_json(value)
-        elif name != "labd_json_keys":
+        elif name != _JSON_KEYS_ATTR:
             metadata[name] = value.item() if isinstance(value, np.generic) else value
     return metadata
 
