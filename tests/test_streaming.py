@@ -8,6 +8,7 @@ the real-driver cases. Waits are bounded watchdogs (WAIT_S).
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 
 import labd as ld
 from labd.sim import demo_lab
+from labd.streaming import StreamHub
 
 WAIT_S = 5.0  # watchdog for every bounded wait; never reached when things work
 
@@ -613,3 +615,100 @@ def test_shutdown_ends_task_stream_subscriptions() -> None:
     finally:
         pushed.close()
         daemon.shutdown(timeout=WAIT_S)
+
+
+# -- trust under faults (issue 7) -------------------------------------------------------------
+
+
+class SelfStreamer:
+    """Streams on its own (no daemon hub); records whether each is_streaming() held its lock."""
+
+    _ld_lock: Any  # injected by the daemon
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.lock_held: list[bool] = []
+
+    def is_streaming(self) -> bool:
+        self.lock_held.append(bool(self._ld_lock._is_owned()))
+        return True
+
+
+def test_device_info_asks_is_streaming_under_the_device_lock(daemon: ld.LabDaemon) -> None:
+    daemon.register_plugins(devices={"Self": SelfStreamer})
+    device: SelfStreamer = daemon.add_device("self1", "Self")
+
+    assert daemon.device_info("self1")["streaming"] is True
+    assert [info["streaming"] for info in daemon.list_devices()] == [True]
+
+    assert device.lock_held == [True, True], "is_streaming() ran without the device lock"
+
+
+def test_device_info_never_waits_for_a_busy_device_nor_probes_it_unlocked(
+    daemon: ld.LabDaemon,
+) -> None:
+    daemon.register_plugins(devices={"Self": SelfStreamer})
+    device: SelfStreamer = daemon.add_device("self1", "Self")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:  # a long device call, or a driver thread holding _ld_lock
+        with device._ld_lock:
+            holding.set()
+            release.wait(WAIT_S)
+
+    holder = threading.Thread(target=hold_the_lock, name="test-lock-holder")
+    holder.start()
+    answers: list[dict[str, Any]] = []
+    answered = threading.Event()
+    try:
+        assert holding.wait(WAIT_S)
+        asker = threading.Thread(
+            target=lambda: (answers.append(daemon.device_info("self1")), answered.set()),
+            name="test-asker")
+        asker.start()
+        assert answered.wait(WAIT_S), "device_info() waited for a busy device's lock"
+        asker.join(WAIT_S)
+        assert device.lock_held == [], "is_streaming() ran while another thread held the lock"
+        assert answers[0]["streaming"] is False  # nothing known yet: the last answer stands
+    finally:
+        release.set()
+        holder.join(WAIT_S)
+    assert daemon.device_info("self1")["streaming"] is True
+    assert device.lock_held == [True]
+
+
+def test_concurrent_publishers_reach_every_subscriber_and_replay_in_sequence_order() -> None:
+    publishers, per_thread = 4, 20_000
+    total = publishers * per_thread
+    hub = StreamHub("stress", history=total)
+    subs = [hub.subscribe(maxsize=total) for _ in range(3)]
+    start = threading.Barrier(publishers)
+
+    def publish() -> None:
+        start.wait(WAIT_S)
+        for index in range(per_thread):
+            hub.publish(index)
+
+    threads = [threading.Thread(target=publish, name=f"test-publisher-{n}")
+               for n in range(publishers)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads), "publishers did not finish (watchdog)"
+
+    everything = list(range(1, total + 1))
+    for sub in subs:
+        seen = [item.sequence for item in sub.drain()]
+        out_of_order = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b <= a)
+        assert out_of_order == 0, f"{sub.name}: {out_of_order} of {total} items out of order"
+        assert seen == everything
+    assert [item.sequence for item in hub.replay(0)] == everything
+    for after in (1, total // 3, total - 5):
+        assert [item.sequence for item in hub.replay(after)] == everything[after:]
+    hub.close()

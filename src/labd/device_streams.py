@@ -3,7 +3,9 @@
 The daemon passes :meth:`StreamHub.publish` to the device's ``start_streaming`` as the
 callback, so the device's thread only stamps and enqueues. ``stop_streaming`` is called on
 the *original* (unlocked) method: a driver whose acquisition thread takes ``_ld_lock`` must be
-stoppable while that thread holds it.
+stoppable while that thread holds it. ``is_streaming`` (asked by every ``GET /devices``) runs
+only while holding the device lock, and only if the lock is free at once: a busy device is
+never waited for, it reports what it answered last.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _StreamState:
         self.lock = threading.RLock()
         self.hub: StreamHub | None = None
         self.pinned = False  # started with start_streaming(): runs until stop_streaming()
+        self.device_says_streaming = False  # the device's last is_streaming() answer
 
 
 class DeviceStreams:
@@ -52,16 +55,31 @@ class DeviceStreams:
         return self._state(slot).hub
 
     def is_streaming(self, slot: DeviceSlot) -> bool:
-        """True if the daemon runs the device's stream (or the device says it streams)."""
-        if self._state(slot).hub is not None:
+        """True if the daemon runs the device's stream (or the device says it streams).
+
+        The device's own ``is_streaming()`` is called under the device lock, like every device
+        method the framework calls; if the lock is busy (a long call, a driver thread holding
+        ``_ld_lock``, callers queued) the last answer stands instead of waiting.
+        """
+        state = self._state(slot)
+        if state.hub is not None:
             return True
         probe = slot.originals.get("is_streaming")
         if probe is None:
             return False
+        rlock = slot.lock.rlock
+        locked = False
         try:
-            return bool(probe())
+            # Never barge past queued callers (FIFO mode), as the method wrappers do not.
+            locked = not slot.lock.fifo and rlock.acquire(False)
+            if locked:
+                state.device_says_streaming = bool(probe())
         except Exception:
-            return False
+            state.device_says_streaming = False  # as before: a probe that fails says "no"
+        finally:
+            if locked:
+                rlock.release()
+        return state.device_says_streaming
 
     def stats(self, slot: DeviceSlot) -> dict[str, Any] | None:
         """Hub statistics (sequence, subscribers, drops) or None when not streaming."""

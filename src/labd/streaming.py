@@ -5,8 +5,16 @@ blocks: it stamps the item with a sequence number and appends it to each subscri
 queue. A full queue drops *its own* oldest item and counts the drop, so a slow subscriber
 loses only its data and never slows the device or the other subscribers.
 
+The sequence is assigned, and the item enqueued to every subscriber and to the replay
+history, under the hub's one lock: with several publishing threads every subscriber still
+sees strictly increasing sequences, and a replay after ``Last-Event-ID`` skips nothing.
+
 A subscriber either gets a delivery thread that runs its callback (``callback=...``), or is
 pulled by its owner (the HTTP server) which is told when data arrives (``on_ready=...``).
+``on_ready`` fires once, then stays quiet until the owner has drained and re-armed the
+subscription (:meth:`Subscription.arm`), so a burst costs the producer one wake-up. The
+server fans one such subscription out to all its SSE clients of the stream (see
+``labd.server.fanout``) and reports them through :attr:`Subscription.fanout`.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["DEFAULT_MAXSIZE", "StreamHub", "StreamItem", "Subscription"]
+__all__ = ["DEFAULT_MAXSIZE", "FanoutStats", "StreamHub", "StreamItem", "Subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,14 @@ class StreamItem(NamedTuple):
     sequence: int
     timestamp: float
     payload: Any
+
+
+class FanoutStats(NamedTuple):
+    """The receivers a subscription hands its items on to (the server's SSE clients)."""
+
+    receivers: int  # how many receivers share this subscription
+    dropped: int  # items the receivers lost from their own bounded buffers
+    detail: list[dict[str, Any]]  # one dict of counters per receiver
 
 
 class Subscription:
@@ -66,6 +82,9 @@ class Subscription:
         self._signal = threading.Lock()
         self._signal.acquire()
         self._thread: threading.Thread | None = None
+        #: Set by an owner that fans this subscription out further (the server's SSE clients):
+        #: their count and drops then show in the stream's stats.
+        self.fanout: Callable[[], FanoutStats] | None = None
         if callback is not None:
             self._thread = threading.Thread(target=self._deliver_loop, name=name, daemon=True)
 
@@ -101,9 +120,14 @@ class Subscription:
         return out
 
     def arm(self) -> bool:
-        """Ask for one ``on_ready`` call when data arrives; returns False if data is already queued."""
+        """Ask for one ``on_ready`` call when data arrives or the stream ends.
+
+        Returns False (and arms nothing) if data is already queued or the subscription closed:
+        the caller must drain again instead of waiting. Armed first, checked second, so a
+        producer (or :meth:`close`) racing this either sees the arm or is seen by the check.
+        """
         self._armed = True
-        if self._queue:
+        if self._queue or self.closed:
             self._armed = False
             return False
         return True
@@ -185,8 +209,8 @@ class Subscription:
         return not thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
-        """Counters for this subscriber."""
-        return {
+        """Counters for this subscriber (and, for a fanned-out one, its receivers)."""
+        stats: dict[str, Any] = {
             "name": self.name,
             "queued": len(self._queue),
             "maxsize": self.maxsize,
@@ -195,6 +219,13 @@ class Subscription:
             "callback_errors": self.callback_errors,
             "closed": self.closed,
         }
+        fanout = self.fanout
+        if fanout is not None:
+            shared = fanout()
+            stats["receivers"] = shared.receivers
+            stats["receivers_dropped"] = shared.dropped
+            stats["receiver_stats"] = shared.detail
+        return stats
 
 
 class StreamHub:
@@ -245,22 +276,30 @@ class StreamHub:
         return sub
 
     def publish(self, payload: Any) -> int:
-        """Stamp ``payload`` and offer it to every subscriber; never blocks. Returns its sequence."""
-        seq = next(self._counter)
-        item = StreamItem(seq, time.time(), payload)
-        self.sequence = seq
-        self.published += 1
-        if self._history is not None:
-            self._history.append(item)
-        for sub in self._subs:
-            sub._offer(item)
+        """Stamp ``payload`` and offer it to every subscriber; never blocks. Returns its sequence.
+
+        Numbering and enqueueing happen under one lock, so concurrent publishers cannot put
+        items into any queue (or the history) out of sequence order. The lock is held for a
+        few appends per subscriber, never for a callback.
+        """
+        with self._lock:
+            seq = next(self._counter)
+            item = StreamItem(seq, time.time(), payload)
+            self.sequence = seq
+            self.published += 1
+            if self._history is not None:
+                self._history.append(item)
+            for sub in self._subs:
+                sub._offer(item)
         return seq
 
     def replay(self, after: int) -> list[StreamItem]:
         """Items still in the history buffer with a sequence greater than ``after``."""
         if self._history is None:
             return []
-        return [item for item in list(self._history) if item.sequence > after]
+        with self._lock:  # copying a deque that another thread appends to would raise
+            history = list(self._history)
+        return [item for item in history if item.sequence > after]
 
     @property
     def subscriptions(self) -> tuple[Subscription, ...]:
@@ -297,13 +336,17 @@ class StreamHub:
         return stuck
 
     def stats(self) -> dict[str, Any]:
-        """Sequence, counts and per-subscriber counters (drops included)."""
-        subs = self._subs
+        """Sequence, counts and per-subscriber counters (drops included).
+
+        ``subscribers`` and ``dropped`` count the receivers of fanned-out subscriptions (each
+        SSE client) rather than the one subscription they share.
+        """
+        subs = [s.stats() for s in self._subs]
         return {
             "name": self.name,
             "sequence": self.sequence,
             "published": self.published,
-            "subscribers": len(subs),
-            "dropped": sum(s.dropped for s in subs),
-            "subscriptions": [s.stats() for s in subs],
+            "subscribers": sum(s.get("receivers", 1) for s in subs),
+            "dropped": sum(s["dropped"] + s.get("receivers_dropped", 0) for s in subs),
+            "subscriptions": subs,
         }
