@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from labd.workers import AffineWorkerPool, WorkerPool, defer_until_idle, wait_on_this_cpu
+from labd.workers import AffineWorkerPool, WorkerPool
 
 POOLS = pytest.mark.parametrize("pool_class", [WorkerPool, AffineWorkerPool])
 
@@ -74,37 +74,24 @@ def test_a_closed_pool_refuses_jobs(pool_class: type) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no per-thread CPU affinity here")
-def test_waiting_on_this_cpu_restores_the_callers_affinity() -> None:
+def test_jobs_still_run_after_the_process_cpu_set_changes() -> None:
+    """The pool remembers the CPU set it started with; shrinking it later (taskset, a
+    container's cpuset) must not lose a hand-off: setting an affinity outside the new set
+    fails (EINVAL) or is trimmed, and every job still runs, on an allowed CPU."""
     before = os.sched_getaffinity(0)
-    event = threading.Event()
-    seen: list[set[int]] = []
-
-    def setter() -> None:
-        seen.append(set())  # the waiter is blocked now (or about to be)
-        event.set()
-
-    timer = threading.Timer(0.01, setter)
-    timer.start()
-    assert wait_on_this_cpu(event, timeout=WAIT_S)
-    timer.join()
-    assert os.sched_getaffinity(0) == before
-    assert wait_on_this_cpu(threading.Event(), timeout=0.01) is False  # a timeout still works
-    assert os.sched_getaffinity(0) == before
-
-
-def test_a_deferred_wake_runs_after_the_job_and_only_inside_an_affine_pool() -> None:
-    assert defer_until_idle(lambda: None) is False  # not on a pool thread: nothing deferred
-    pool = AffineWorkerPool(name="t-defer")
-    order: list[str] = []
-    done = threading.Event()
-
-    def job() -> None:
-        assert defer_until_idle(lambda: (order.append("wake"), done.set()))
-        order.append("job end")
-
+    pool = AffineWorkerPool(name="t-cpuset")
     try:
-        pool.submit(job)
+        done = threading.Event()
+        pool.submit(done.set)  # a worker exists and is idle
         assert done.wait(WAIT_S)
-        assert order == ["job end", "wake"]
+        for cpus in ({min(before)}, {max(before)}, before):
+            os.sched_setaffinity(0, cpus)
+            seen: list[set[int]] = []
+            for _ in range(20):
+                done = threading.Event()
+                pool.submit(lambda d=done, s=seen: (s.append(os.sched_getaffinity(0)), d.set()))  # type: ignore[misc]
+                assert done.wait(WAIT_S), f"a job was lost after the CPU set became {cpus}"
+            assert all(s <= before for s in seen)
     finally:
-        pool.close(timeout=WAIT_S)
+        os.sched_setaffinity(0, before)
+        assert pool.close(timeout=WAIT_S) == []

@@ -8,7 +8,6 @@ bounded shutdown. Everything here is threads and locks; the HTTP server sits on 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +15,6 @@ from labd.daemon_core import _check_wait, _live_daemons
 from labd.daemon_devices import DeviceOps
 from labd.daemon_tasks import TaskOps
 from labd.errors import (
-    DeviceError,
     InvalidArgumentError,
     UnknownDeviceError,
     UnknownLeaseError,
@@ -74,17 +72,9 @@ class LabDaemon(DeviceOps, TaskOps):
         if ttl is not None and (not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl <= 0):
             raise InvalidArgumentError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         ids = self._check_device_list(device_ids, "claim")
-        timeout = _check_wait(wait)
-        if timeout is False:
-            return self._claims.grant_lease(ids, owner, ttl)
-        deadline = None if timeout is True else time.monotonic() + float(timeout)
-        while True:
-            try:
-                return self._claims.grant_lease(ids, owner, ttl)
-            except DeviceError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.01)
+        # With wait, the lease queues in the same fair FIFO as task runs (first come first
+        # served), and an interrupt while waiting leaves nothing queued or held.
+        return self._claims.grant_lease(ids, owner, ttl, wait=_check_wait(wait))
 
     def _check_device_list(self, device_ids: Any, what: str) -> tuple[str, ...]:
         if isinstance(device_ids, str) or not isinstance(device_ids, list | tuple) or not device_ids:
@@ -141,7 +131,8 @@ class LabDaemon(DeviceOps, TaskOps):
         with self._shutdown_lock:
             if self._shutdown_report is not None:
                 return self._shutdown_report
-            self._closed = True
+            with self._lock:  # execute_task registers runs under this lock, checking _closed
+                self._closed = True
             report = run_shutdown(self, 2.0 if timeout is None else float(timeout))
             self._shutdown_report = report
         if report.clean:

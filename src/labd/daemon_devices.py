@@ -123,6 +123,7 @@ class DeviceOps(DaemonCore):
             "owner_kind": owner[0].kind if owner else None,
             "owner_id": owner[0].owner_id if owner else None,
             "owned_since": iso_from_timestamp(owner[1]) if owner else None,
+            "claims_waiting": self._claims.waiting_for(device_id),  # FIFO order: next first
             "unresponsive": slot.unresponsive,
             "last_error": slot.last_error.to_dict(include_traceback=False) if slot.last_error else None,
             "params": slot.params,

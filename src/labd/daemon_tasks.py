@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from labd.daemon_core import DaemonCore, _check_wait, check_id
 from labd.errors import (
+    DaemonClosedError,
     ErrorRecord,
     InvalidArgumentError,
     UnknownDeviceError,
@@ -61,15 +63,39 @@ class TaskOps(DaemonCore):
         run = TaskRun(cast("LabDaemon", self), task_id, task_type, instance, params, device_ids, actor.run,
                       principal, self._run_state_changed)
         with self._lock:
+            # Checked under the lock shutdown() closes the daemon with: a run registered here
+            # is one shutdown will cancel and wait for; a later call gets DaemonClosedError.
+            self._check_open()
             self._check_task_id_free(task_id)
             self._runs[task_id] = run
+        if isinstance(actor.run, TaskRun):
+            actor.run.adopt(run)  # a cancel of the parent reaches this run
         try:
             self._claim_for(run, wait)
         except BaseException:
             with self._lock:
-                self._runs.pop(task_id, None)
+                if self._runs.get(task_id) is run:
+                    del self._runs[task_id]
+            run.done_event.set()  # it never started: nobody (a parent included) waits for it
             raise
         return TaskHandle(run)
+
+    def _start_run(self, run: TaskRun) -> bool:
+        """Hand ``run`` to a worker; if the daemon closed meanwhile, the run ends cancelled."""
+        try:
+            self._pool.submit(run.execute)
+        except RuntimeError:  # the pool closed: shutdown() got here first
+            run.cancel_event.set()
+            run.execute()  # sees the cancel at once: finishes cancelled, releases its devices
+            return False
+        return True
+
+    def _submit_or_refuse(self, run: TaskRun) -> None:
+        if not self._start_run(run):
+            raise DaemonClosedError(
+                f"Task {run.task_id!r} was not started: this LabDaemon was shut down meanwhile; "
+                "create a new one."
+            )
 
     def _claim_for(self, run: TaskRun, wait: float | bool) -> None:
         if run.device_ids and wait is False:
@@ -80,17 +106,17 @@ class TaskOps(DaemonCore):
         elif run.device_ids:
             self._record_created(run)  # before another thread can grant the claim
             pending = self._claims.claim_or_queue(
-                run, run.device_ids, lambda: self._pool.submit(run.execute), run.fail_pending,
+                run, run.device_ids, functools.partial(self._start_run, run), run.fail_pending,
                 None if wait is True else float(wait),
             )
             if pending is not None:
                 run.pending_claim = pending
                 self._run_state_changed(run)
                 return
-            self._pool.submit(run.execute)
+            self._submit_or_refuse(run)
             return
         self._record_created(run)
-        self._pool.submit(run.execute)
+        self._submit_or_refuse(run)
 
     def _record_created(self, run: TaskRun) -> None:
         store = self._store

@@ -139,7 +139,7 @@ class PendingClaim:
         self,
         owner: Owner,
         device_ids: tuple[str, ...],
-        on_granted: Callable[[], None],
+        on_granted: Callable[[], object],
         on_failed: Callable[[BaseException], None],
     ) -> None:
         self.owner = owner
@@ -177,6 +177,8 @@ class Lease(Owner):
         self.status = "active"  # active | released | expired | broken
         self.reason: str | None = None
         self._deadline_handle: TimerHandle | None = None
+        self._deadline: float | None = None  # time.monotonic() of expiry; None: never
+        self._generation = 0  # bumped by every (re)schedule; see ClaimRegistry._expire
         self._actor_cm: contextlib.AbstractContextManager[Actor] | None = None
 
     @property
@@ -254,6 +256,11 @@ class ClaimRegistry:
         with self._lock:
             return list(self._pending)
 
+    def waiting_for(self, device_id: str) -> list[str]:
+        """Labels of the claims queued for ``device_id``, first in line first."""
+        with self._lock:
+            return [p.owner.label for p in self._pending if device_id in p.device_ids]
+
     def leases(self) -> list[Lease]:
         """Active leases."""
         with self._lock:
@@ -279,7 +286,7 @@ class ClaimRegistry:
         self,
         owner: Owner,
         device_ids: Sequence[str],
-        on_granted: Callable[[], None],
+        on_granted: Callable[[], object],
         on_failed: Callable[[BaseException], None],
         timeout: float | None,
     ) -> PendingClaim | None:
@@ -339,19 +346,50 @@ class ClaimRegistry:
     # -- leases ----------------------------------------------------------------------------
     def grant_lease(
         self, device_ids: Sequence[str], holder: str, ttl: float | None,
+        wait: bool | float = False,
     ) -> Lease:
-        """Create an active lease on ``device_ids`` for ``holder`` (raises DeviceBusyError)."""
+        """Create an active lease on ``device_ids`` for ``holder``.
+
+        Raises :class:`DeviceBusyError` at once, or with ``wait`` (True, or seconds) queues in
+        the same fair FIFO as task runs until every device is free (or the wait runs out).
+        """
         ids = tuple(dict.fromkeys(device_ids))
         lease = Lease(self, f"lease-{next(self._lease_ids)}", holder, ids, ttl)
-        self.claim(lease, ids, "Wait for it to finish, or ask its owner to release it.")
+        if wait is False:
+            self.claim(lease, ids, "Wait for it to finish, or ask its owner to release it.")
+        else:
+            self._wait_for_claim(lease, ids, None if wait is True else float(wait))
         with self._lock:
             self._leases[lease.lease_id] = lease
-        self._schedule_expiry(lease, ttl)
+            self._schedule_expiry(lease, ttl)
         self._on_event({"event": "lease_granted", "lease": lease.to_dict()})
         return lease
 
+    def _wait_for_claim(self, owner: Owner, ids: tuple[str, ...], timeout: float | None) -> None:
+        """Queue ``owner``'s claim in the FIFO and block until granted; interrupt-safe."""
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def failed(exc: BaseException) -> None:
+            failure.append(exc)
+            done.set()
+
+        pending = self.claim_or_queue(owner, ids, done.set, failed, timeout)
+        if pending is None:
+            return
+        granted = False
+        try:
+            done.wait()
+            granted = not failure
+        finally:
+            # Interrupted (Ctrl+C) or failed: leave no waiter queued and no device held.
+            if not granted and not failure and not self.cancel_pending(pending):
+                self.release(owner)  # granted just as the interrupt arrived: give it back
+        if failure:
+            raise failure[0]
+
     def renew_lease(self, lease: Lease, ttl: float | None) -> None:
-        """Extend an active lease; raises :class:`LeaseError` if it already ended."""
+        """Extend an active lease; raises :class:`LeaseError` if it already ended or expired."""
         # Check before touching the old deadline: a bad ttl must leave the lease as it was.
         if ttl is not None and (
             not isinstance(ttl, int | float) or isinstance(ttl, bool) or not ttl > 0
@@ -360,14 +398,24 @@ class ClaimRegistry:
                 f"ttl must be a positive number of seconds or None, got {ttl!r}; "
                 f"{lease.label} is unchanged."
             )
-        if not lease.active:
+        with self._lock:
+            # Check, cancel and reschedule under one lock: two renewals never leave a stray
+            # timer behind, and a renewal that races the expiry either wins or raises.
+            overdue = lease._deadline is not None and time.monotonic() >= lease._deadline
+            if lease.active and not overdue:
+                self._schedule_expiry(lease, lease.ttl if ttl is None else ttl)
+                renewed = lease.to_dict()
+            else:
+                renewed = None
+        if renewed is None:
+            if lease.active:  # past its deadline, its timer not run yet: it has expired
+                self._expire(lease, lease._generation)
             raise LeaseError(
                 f"{lease.label} is {lease.status}"
                 + (f" ({lease.reason})" if lease.reason else "")
                 + "; it cannot be renewed. Claim the devices again."
             )
-        self._schedule_expiry(lease, lease.ttl if ttl is None else ttl)
-        self._on_event({"event": "lease_renewed", "lease": lease.to_dict()})
+        self._on_event({"event": "lease_renewed", "lease": renewed})
 
     def end_lease(self, lease: Lease, status: str, reason: str | None) -> bool:
         """Release, expire or break a lease. Returns False if it had already ended."""
@@ -377,27 +425,40 @@ class ClaimRegistry:
             lease.status = status
             lease.reason = reason
             self._leases.pop(lease.lease_id, None)
-        if lease._deadline_handle is not None:
-            lease._deadline_handle.cancel()
+            if lease._deadline_handle is not None:
+                lease._deadline_handle.cancel()
+                lease._deadline_handle = None
         self.release(lease)
         self._on_event({"event": f"lease_{status}", "lease": lease.to_dict()})
         return True
 
+    def _expire(self, lease: Lease, generation: int) -> None:
+        """The timer of one deadline fired: expire unless the lease was renewed since."""
+        with self._lock:
+            if lease._generation != generation:
+                return  # a renewal replaced this deadline
+            ttl = lease.ttl
+        self.end_lease(lease, "expired", f"not renewed within {ttl:g} s" if ttl else "expired")
+
     def _schedule_expiry(self, lease: Lease, ttl: float | None) -> None:
+        # Caller holds self._lock. Each deadline has a generation; only the newest may expire.
         if lease._deadline_handle is not None:
             lease._deadline_handle.cancel()
+        lease._generation += 1
         if ttl is None:
             lease.expires_at = None
+            lease._deadline = None
             lease._deadline_handle = None
             return
         if ttl <= 0:
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        generation = lease._generation
         lease.ttl = ttl
         lease.expires_at = time.time() + ttl
-        def expire() -> None:
-            self.end_lease(lease, "expired", f"not renewed within {ttl:g} s")
-
-        lease._deadline_handle = self._timer.call_later(ttl, expire)
+        lease._deadline = time.monotonic() + ttl
+        lease._deadline_handle = self._timer.call_at(
+            lease._deadline, lambda: self._expire(lease, generation)
+        )
 
     # -- internals (call with self._lock held) ---------------------------------------------
     def _conflicts(

@@ -89,12 +89,12 @@ def run_shutdown(daemon: LabDaemon, timeout: float) -> ShutdownReport:
     """Shut ``daemon`` down within about ``2 * timeout`` seconds and report what did not stop."""
     started = time.monotonic()
     report = ShutdownReport()
-    runs = list(daemon._runs.values())
+    # The daemon is closed (under its lock) before this runs, so no run can register after
+    # this snapshot: execute_task checks `closed` under the same lock.
+    with daemon._lock:
+        runs = list(daemon._runs.values())
     for run in runs:
-        if not run.state.finished:
-            run.cancel_event.set()
-            run.resume_event.set()
-            run.cancel_pending()
+        run.request_cancel()
 
     deadline = time.monotonic() + timeout
     stream_jobs = {

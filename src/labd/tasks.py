@@ -7,7 +7,6 @@ state changes on its own stream, and it is driven through a :class:`TaskHandle`.
 
 from __future__ import annotations
 
-import _thread
 import enum
 import threading
 import time
@@ -23,7 +22,6 @@ from labd.errors import (
 )
 from labd.ownership import Actor, Owner, PendingClaim, acting_as
 from labd.streaming import StreamHub
-from labd.workers import defer_until_idle, wait_on_this_cpu
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
@@ -50,47 +48,6 @@ class TaskState(enum.Enum):
 
 _FINISHED = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED,
                        TaskState.INTERRUPTED})
-
-
-class Latch:
-    """A one-shot event: cheaper than ``threading.Event`` (no Condition, no per-wait lock).
-
-    Waiters block on a lock that :meth:`set` releases; each waiter passes it on.
-    """
-
-    __slots__ = ("_flag", "_gate")
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._gate = _thread.allocate_lock()
-        self._gate.acquire()
-
-    def set(self) -> None:
-        """Open the latch for good. Idempotent."""
-        if not self._flag:
-            self._flag = True
-            try:
-                self._gate.release()
-            except RuntimeError:  # already released by another set()
-                pass
-
-    def is_set(self) -> bool:
-        """True once :meth:`set` was called."""
-        return self._flag
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until set (or ``timeout`` seconds); True if set."""
-        if self._flag:
-            return True
-        if timeout is None:
-            got = self._gate.acquire()
-        elif timeout <= 0:
-            return self._flag
-        else:
-            got = self._gate.acquire(True, timeout)
-        if got:
-            self._gate.release()  # let the next waiter through
-        return self._flag
 
 
 class TaskContext:
@@ -173,7 +130,8 @@ class TaskRun(Owner):
         self.cancel_event = threading.Event()
         self.resume_event = threading.Event()
         self.resume_event.set()
-        self.done_event = Latch()
+        #: Set once the run has ended and its devices are free (a standard Event: see ADR 0010).
+        self.done_event = threading.Event()
         self.result: Any = None
         self.exception: BaseException | None = None
         self.error: ErrorRecord | None = None
@@ -185,13 +143,16 @@ class TaskRun(Owner):
         #: Run-store uid and recorder (set by the daemon when it has a store).
         self.uid = 0
         self.recorder: Any = None
-        self.persisted = Latch()
+        self.persisted = threading.Event()
         self.context = TaskContext(daemon, self)
         self._daemon = daemon
         self._on_state = on_state
         self._hub: StreamHub | None = None
         self._hub_lock = threading.Lock()
-        self._finish_lock = threading.Lock()
+        #: Guards the state, the pause gate and the children: each changes with its signal.
+        self._finish_lock = threading.RLock()
+        #: Runs started from inside this one; they end before it does (see execute()).
+        self.children: list[TaskRun] = []
 
     # -- stream ----------------------------------------------------------------------------
     @property
@@ -228,25 +189,64 @@ class TaskRun(Owner):
             self.recorder.run_state(self.uid, state.value, self.started_at)
         self._on_state(self)
 
-    def transition(self, expected: TaskState, new: TaskState) -> None:
-        """Move from ``expected`` to ``new`` unless the run is elsewhere (e.g. already ended)."""
+    # -- control (any thread) --------------------------------------------------------------
+    # The state and the pause gate change together under _finish_lock, so no interleaving of
+    # pause, resume, cancel and the run's own start can leave "paused" with the gate open.
+    def request_pause(self) -> None:
+        """Close the gate; the state becomes ``paused`` once the run is running."""
         with self._finish_lock:
-            if self.state is expected:
-                self._set_state(new)
+            if self.state.finished or self.cancel_event.is_set():
+                return
+            self.resume_event.clear()
+            if self.state is TaskState.RUNNING:
+                self._set_state(TaskState.PAUSED)
+
+    def request_resume(self) -> None:
+        """Open the gate; a paused run is running again."""
+        with self._finish_lock:
+            self.resume_event.set()
+            if self.state is TaskState.PAUSED:
+                self._set_state(TaskState.RUNNING)
+
+    def request_cancel(self) -> None:
+        """Cancel this run and every run it started (children first hear it from here)."""
+        with self._finish_lock:
+            if self.state.finished:
+                return
+            self.cancel_event.set()
+            self.resume_event.set()  # a paused run must wake up to see the cancel
+            if self.state is TaskState.PAUSED:
+                self._set_state(TaskState.RUNNING)
+            children = list(self.children)
+            pending = self.state is TaskState.PENDING
+        for child in children:
+            child.request_cancel()
+        if pending:
+            self.cancel_pending()
+
+    def adopt(self, child: TaskRun) -> None:
+        """Record ``child`` as started from inside this run; a cancelled parent cancels it."""
+        with self._finish_lock:
+            self.children = [c for c in self.children if not c.done_event.is_set()]
+            self.children.append(child)
+            if self.cancel_event.is_set() or self.state.finished:
+                child.cancel_event.set()
 
     # -- execution (worker thread) ---------------------------------------------------------
     def execute(self) -> None:
         """Run the task on the current (worker) thread and finish the run. Never raises."""
         thread = threading.current_thread()
         thread.name = f"labd-task-{self.task_id}"
-        if self.cancel_event.is_set():
+        with self._finish_lock:
+            cancelled = self.cancel_event.is_set()
+            if not cancelled and self.state is TaskState.PENDING:
+                self.started_at = time.time()
+                gate_open = self.resume_event.is_set()
+                self._set_state(TaskState.RUNNING if gate_open else TaskState.PAUSED)
+        if cancelled:
             self._finish(TaskState.CANCELLED, None, None)
             return
-        self.started_at = time.time()
-        self.transition(
-            TaskState.PENDING,
-            TaskState.PAUSED if not self.resume_event.is_set() else TaskState.RUNNING,
-        )
+        outcome: tuple[TaskState, Any, BaseException | None]
         try:
             # Let any command that a non-owner started before our claim finish first, so no
             # foreign command ever runs alongside this run's use of its devices.
@@ -254,11 +254,29 @@ class TaskRun(Owner):
             with acting_as(Actor(run=self, principal=self.principal)):
                 result = self.instance.run(self.context)
         except TaskCancelledError as exc:
-            self._finish(TaskState.CANCELLED, getattr(exc, "result", None), exc)
+            outcome = (TaskState.CANCELLED, getattr(exc, "result", None), exc)
         except BaseException as exc:
-            self._finish(TaskState.FAILED, None, exc)
+            outcome = (TaskState.FAILED, None, exc)
         else:
-            self._finish(self._state_from_result(result), result, None)
+            outcome = (self._state_from_result(result), result, None)
+        try:
+            self._end_children(outcome[0])
+        finally:
+            self._finish(*outcome)
+
+    def _end_children(self, state: TaskState) -> None:
+        """Children end before their parent: cancelled unless the parent completed, then awaited.
+
+        A parent's devices are released only after every child released its own claims, so
+        no run outlives the run that started it (structured concurrency, as trio's nurseries).
+        """
+        with self._finish_lock:
+            children = [c for c in self.children if not c.done_event.is_set()]
+        if state is not TaskState.COMPLETED or self.cancel_event.is_set():
+            for child in children:
+                child.request_cancel()
+        for child in children:
+            child.done_event.wait()
 
     def _state_from_result(self, result: Any) -> TaskState:
         status = result.get("status") if isinstance(result, dict) else None
@@ -289,21 +307,25 @@ class TaskRun(Owner):
                     origin="task",
                     context={"task_id": self.task_id, "task_type": self.task_type},
                 )
-            # Devices are free before anyone waiting on the handle hears that the run ended.
-            self._daemon._release_run(self)
-            self.finished_at = time.time()
-            if self.recorder is not None:
-                self.recorder.run_finished(
-                    self.uid, state.value, result,
-                    self.error.to_dict() if self.error else None, self.finished_at, self.persisted,
-                )
-            else:
-                self.persisted.set()
-            self._set_state(state)
-            # Trim the retained-run buffer before waking waiters, so that after wait()
-            # returns, list_tasks()/get_task() already reflect any eviction.
-            self._daemon._run_finished(self)
-            if not defer_until_idle(self.done_event.set):
+            try:
+                # Devices are free before anyone waiting on the handle hears that the run ended.
+                self._daemon._release_run(self)
+                self.finished_at = time.time()
+                if self.recorder is not None:
+                    self.recorder.run_finished(
+                        self.uid, state.value, result,
+                        self.error.to_dict() if self.error else None, self.finished_at,
+                        self.persisted,
+                    )
+                else:
+                    self.persisted.set()
+                self._set_state(state)
+                # Trim the retained-run buffer before waking waiters, so that after wait()
+                # returns, list_tasks()/get_task() already reflect any eviction.
+                self._daemon._run_finished(self)
+            finally:
+                # Whatever failed above, the run has ended and its waiters must hear it.
+                self.state = state
                 self.done_event.set()
         hub = self._hub
         if hub is not None:
@@ -367,7 +389,7 @@ class TaskHandle:
         :class:`TaskFailedError` (chained from the task's exception) if it failed.
         """
         run = self._run
-        if not wait_on_this_cpu(run.done_event, timeout):
+        if not run.done_event.wait(timeout):
             raise TimeoutError(
                 f"Task {self.task_id!r} is still {run.state.value} after waiting {timeout} s."
             )
@@ -384,28 +406,20 @@ class TaskHandle:
         ) from run.exception
 
     def cancel(self) -> None:
-        """Ask the run to stop (also opens the pause gate). No effect once it has ended."""
-        run = self._run
-        if run.state.finished:
-            return
-        run.cancel_event.set()
-        run.resume_event.set()
-        if run.state is TaskState.PENDING:
-            run.cancel_pending()
+        """Ask the run and every run it started to stop (also opens the pause gate).
+
+        No effect once it has ended. A pending run ends at once; a running one ends when its
+        ``run`` returns, after its children ended.
+        """
+        self._run.request_cancel()
 
     def pause(self) -> None:
         """Close the gate: the run blocks at its next ``resume_event.wait()`` / ``checkpoint()``."""
-        run = self._run
-        if run.state.finished:
-            return
-        run.resume_event.clear()
-        run.transition(TaskState.RUNNING, TaskState.PAUSED)
+        self._run.request_pause()
 
     def resume(self) -> None:
         """Open the gate again."""
-        run = self._run
-        run.resume_event.set()
-        run.transition(TaskState.PAUSED, TaskState.RUNNING)
+        self._run.request_resume()
 
     def is_running(self) -> bool:
         """True until the run has ended (pending and paused runs count as running)."""

@@ -13,7 +13,9 @@ and start a new thread otherwise; idle threads above ``max_idle`` or idle longer
   virtual machine (an inter-processor interrupt), more than the rest of a task start, and
   ``execute_task`` is usually followed by ``wait()``. On Linux the pool sets the worker's
   affinity to the submitter's CPU just before the hand-off and the worker gives itself every
-  CPU back as its first step: the wake-up stays local, the job is never confined.
+  CPU back as its first step: the wake-up stays local, the job is never confined. Only the
+  pool's own threads are touched: labd never changes the affinity of a thread it did not
+  create (the submitter's, a waiter's), see ADR 0010.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-__all__ = ["AffineWorkerPool", "WorkerPool", "defer_until_idle", "wait_on_this_cpu"]
+__all__ = ["AffineWorkerPool", "WorkerPool"]
 
 log = logging.getLogger(__name__)
 
@@ -49,60 +50,6 @@ def _cpu_probe() -> Callable[[], int] | None:
 
 
 _SCHED_GETCPU = _cpu_probe()
-
-# The deferred wake-up of the job running on this thread (see defer_until_idle).
-_current = threading.local()
-
-
-def defer_until_idle(wake: Callable[[], None]) -> bool:
-    """Run ``wake`` when this pool thread has finished its job's bookkeeping and is about to
-    sleep, instead of now; False (and nothing deferred) outside an :class:`AffineWorkerPool` job.
-
-    A task run wakes its waiter this way: the waiter then finds the worker's CPU free and
-    the GIL released, instead of being woken on another CPU only to wait for both.
-    """
-    pending = getattr(_current, "deferred", None)
-    if pending is None:
-        return False
-    pending.append(wake)
-    return True
-
-
-class Waitable(Protocol):
-    """Anything with ``is_set()`` and ``wait(timeout) -> bool`` (an Event, a Latch)."""
-
-    def is_set(self) -> bool: ...
-
-    def wait(self, timeout: float | None = None) -> bool: ...
-
-
-def wait_on_this_cpu(event: Waitable, timeout: float | None = None) -> bool:
-    """``event.wait(timeout)``, keeping the calling thread on its CPU while it sleeps.
-
-    The worker an :class:`AffineWorkerPool` woke for us runs on this CPU; when it sets
-    ``event`` the scheduler would otherwise wake us on the idle other CPU (an interrupt, tens
-    of microseconds) just because the worker is still on ours. The thread's own affinity is
-    restored as soon as it wakes, so only where it sleeps changes.
-    """
-    if event.is_set() or _SCHED_GETCPU is None:
-        return event.wait(timeout)
-    try:
-        mask = os.sched_getaffinity(0)
-        if len(mask) > 1:
-            os.sched_setaffinity(0, {_SCHED_GETCPU()})
-        else:
-            mask = set()
-    except OSError:
-        return event.wait(timeout)
-    try:
-        return event.wait(timeout)
-    finally:
-        if mask:
-            try:
-                os.sched_setaffinity(0, mask)
-            except OSError:
-                pass
-
 
 class _Worker:
     """One pooled thread: a private gate it sleeps on while idle, and the next job."""
@@ -256,21 +203,16 @@ class AffineWorkerPool:
                 except OSError:
                     pass
             self._busy.add(me)
-            deferred: list[Job] = []
-            _current.deferred = deferred
             try:
                 job()
             except BaseException:  # a job must never kill its worker silently
                 log.exception("labd worker job raised")
-            _current.deferred = None
             me.name = base_name
             with self._mutex:
                 self._busy.discard(me)
                 retire = self._closed or len(self._idle) >= self._max_idle
                 if not retire:
                     self._idle.append(worker)
-            for wake in deferred:
-                wake()
             if retire:
                 break
             if not worker.gate.acquire(True, self._idle_timeout):
