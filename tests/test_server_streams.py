@@ -7,11 +7,12 @@ pushed on demand with ``labd.testing.FakeStreamer.push``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -96,6 +97,22 @@ class SSEReader(threading.Thread):
         assert not self.is_alive(), f"reader of {self.url} did not end"
 
 
+def handed_over(client_stats: Callable[[], dict[str, Any]], count: int) -> None:
+    """Watchdog: wait until the server's loop has handed ``count`` items to an SSE client.
+
+    A publish only queues the item for the loop; the loop hands it to each client's buffer
+    when it next runs, so a test that counts a client's drops waits for that first.
+    """
+    deadline = time.monotonic() + WATCHDOG_S
+    while True:
+        stats = client_stats()
+        if stats["delivered"] + stats["queued"] + stats["dropped"] >= count:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server's loop handed {stats} of {count} items over in {WATCHDOG_S} s")
+        time.sleep(0.0005)
+
+
 def start_reader(url: str, **kwargs: Any) -> SSEReader:
     reader = SSEReader(url, **kwargs)
     reader.start()
@@ -160,14 +177,16 @@ def test_a_client_that_stops_reading_loses_only_its_own_items(srv: RunningServer
         hub = srv.daemon.stream_hub("s1")
         assert hub is not None
 
-        def stalled_stats() -> dict[str, Any]:
-            return next(s for s in hub.stats()["subscriptions"] if s["maxsize"] == 8)
+        def stalled_stats() -> dict[str, Any]:  # the server's SSE clients share one subscription
+            return next(client for sub in hub.stats()["subscriptions"]
+                        for client in sub.get("receiver_stats", ()) if client["maxsize"] == 8)
 
         device, payload, pushed = streamer(srv), "x" * 32_768, 0
         while stalled_stats()["dropped"] == 0:
             assert pushed < 900, "the stalled client never dropped anything"
             device.push(payload)
             pushed += 1
+            handed_over(stalled_stats, pushed)
             assert stalled_stats()["queued"] <= 8  # bounded memory for the stalled client
         events = reader.wait_for(pushed)
         assert [body["sequence"] for _, body, _ in events] == list(range(1, pushed + 1))
@@ -370,3 +389,161 @@ def test_task_stream_carries_progress_and_data(srv: RunningServer) -> None:
     assert progress[-1]["fraction"] == 1.0 and progress[0]["task_id"] == "prog1"
     assert [d["data"] for d in data] == [{"i": i, "trace": [0.0, float(i)]} for i in range(3)]
     assert reader.events[-1][0] == "finished"
+
+
+# -- one loop wake-up per publish, capped clients and buffers (issue 7, item 12) --------------
+
+
+def watch_until(condition: Any, what: str) -> None:
+    """A watchdog: wait (bounded) for a condition the server reaches on its own thread."""
+    deadline = time.monotonic() + WATCHDOG_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {WATCHDOG_S} s")
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def lab_server(**server_kw: Any) -> Iterator[RunningServer]:
+    """A running server (``server_kw`` go to LabDaemonServer) with one FakeStreamer ``s1``."""
+    with running_server(**server_kw) as running:
+        running.daemon.register_plugins(devices={"Streamer": FakeStreamer})
+        running.daemon.add_device("s1", "Streamer")
+        running.daemon.connect_device("s1")
+        yield running
+
+
+def test_sse_clients_of_a_stream_share_one_subscription(srv: RunningServer) -> None:
+    readers = [start_reader(f"{srv.url}/stream/devices/s1", stop_after=20) for _ in range(10)]
+    hub = srv.daemon.stream_hub("s1")
+    assert hub is not None
+    # One subscription, so a publish wakes the server's loop once, not once per client.
+    assert len(hub.subscriptions) == 1
+    assert hub.stats()["subscribers"] == 10
+    device = streamer(srv)
+    for i in range(20):
+        device.push(i)
+    for reader in readers:
+        assert [body["sequence"] for _, body, _ in reader.wait_for(20)] == list(range(1, 21))
+        reader.finish()
+    assert device.stopped.wait(WATCHDOG_S), "the last client left but the stream kept running"
+
+
+def test_a_stream_takes_at_most_stream_max_clients_and_answers_503_beyond() -> None:
+    with lab_server(stream_max_clients=2) as running:
+        url = f"{running.url}/stream/devices/s1"
+        readers = [start_reader(url, stop_after=1) for _ in range(2)]
+        answer = httpx.get(url, timeout=WATCHDOG_S)
+        assert answer.status_code == 503
+        error = answer.json()["error"]
+        assert error["type"] == "StreamFull"
+        assert "/stream/devices/s1" in error["message"]
+        assert "stream_max_clients=2" in error["message"]
+        assert error["context"] == {"stream": "/stream/devices/s1", "max_clients": 2}
+        # The cap is per stream: another stream still takes clients.
+        events = start_reader(f"{running.url}/stream/events")
+        # A client that leaves frees its place.
+        streamer(running).push("bye")
+        for reader in readers:
+            reader.wait_for(1)
+            reader.finish()
+        hub = running.daemon.stream_hub("s1")
+        watch_until(lambda: hub is None or hub.stats()["subscribers"] == 0,
+                    "the server did not notice that its clients left")
+        again = start_reader(url)
+        running.server.stop()
+        again.finish()
+        events.finish()
+
+
+def test_a_stalled_clients_buffer_is_capped_in_bytes_as_well_as_items() -> None:
+    with lab_server(stream_max_bytes=100_000) as running:
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", running.server.port))
+        try:
+            stalled.sendall(b"GET /stream/devices/s1?maxsize=1000 HTTP/1.1\r\nHost: test\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:  # read the headers, then never read again
+                head += stalled.recv(1)
+            assert head.startswith(b"HTTP/1.1 200")
+            hub = running.daemon.stream_hub("s1")
+            assert hub is not None
+
+            def stalled_stats() -> dict[str, Any]:
+                return next(client for sub in hub.stats()["subscriptions"]
+                            for client in sub.get("receiver_stats", ()))
+
+            device, payload, pushed = streamer(running), "x" * 32_768, 0
+            while stalled_stats()["dropped"] == 0:
+                assert pushed < 900, "the stalled client never dropped anything"
+                device.push(payload)
+                pushed += 1
+                handed_over(stalled_stats, pushed)
+                stats = stalled_stats()
+                assert stats["bytes"] <= 100_000 + 32_768, stats  # the newest always fits
+            assert stalled_stats()["queued"] < 1000  # the bytes cap, not the items cap, bit
+            assert hub.stats()["dropped"] >= stalled_stats()["dropped"] > 0
+        finally:
+            stalled.close()
+
+
+def test_a_burst_of_publishes_wakes_the_loop_once_however_many_clients_listen() -> None:
+    import asyncio
+
+    from labd.server.fanout import FanoutTable, StreamFanout
+    from labd.streaming import StreamHub
+
+    hub = StreamHub("burst", history=0)
+    producer_wakes: list[int] = []
+
+    async def scenario() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        plain = loop.call_soon_threadsafe
+
+        def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            producer_wakes.append(1)
+            return plain(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+        table = FanoutTable(max_clients=100)
+
+        async def open_subscription(fanout: StreamFanout) -> None:
+            fanout.adopt(hub.subscribe(on_ready=fanout.on_ready, maxsize=1000))
+
+        clients = [await table.join("burst", "burst", open_subscription, 1000, 2**20)
+                   for _ in range(50)]
+        assert len(hub.subscriptions) == 1
+        for i in range(100):  # the loop does not run in between: one dispatch is pending
+            hub.publish(i)
+        assert len(producer_wakes) == 1
+        for client in clients:
+            await asyncio.wait_for(client.wake.wait(), WATCHDOG_S)
+        received = [[item.sequence for item in client.drain(1000)] for client in clients]
+        for client in clients:
+            client.leave()
+        return received
+
+    received = asyncio.run(scenario())
+    assert received == [list(range(1, 101))] * 50
+    assert not hub.subscriptions, "the last client left but the fan-out kept its subscription"
+
+
+def test_client_buffers_drop_their_oldest_items_beyond_either_cap() -> None:
+    from labd.server.fanout import ClientBuffer, payload_bytes
+    from labd.streaming import StreamItem
+
+    def batch(*sizes: int) -> list[tuple[StreamItem, int]]:
+        return [(StreamItem(n, 0.0, n), size) for n, size in enumerate(sizes, 1)]
+
+    by_bytes = ClientBuffer(None, maxsize=100, max_bytes=1000)  # type: ignore[arg-type]
+    by_bytes.put(batch(400, 400, 400, 5000))
+    assert (len(by_bytes), by_bytes.dropped, by_bytes.bytes) == (1, 3, 5000)  # newest kept
+    assert [item.sequence for item in by_bytes.drain(10)] == [4]
+    by_items = ClientBuffer(None, maxsize=2, max_bytes=10**9)  # type: ignore[arg-type]
+    by_items.put(batch(1, 1, 1))
+    assert [item.sequence for item in by_items.drain(10)] == [2, 3]
+    assert by_items.dropped == 1
+    assert payload_bytes(np.zeros(1000)) == 8000
+    assert payload_bytes("x" * 300) == 300
+    assert 7_000 < payload_bytes({"samples": [0.5] * 1000, "t": 1.0}) < 9_000

@@ -7,6 +7,7 @@ the real-driver cases. Waits are bounded watchdogs (WAIT_S).
 
 from __future__ import annotations
 
+import itertools
 import queue
 import sys
 import threading
@@ -662,9 +663,11 @@ def test_device_info_never_waits_for_a_busy_device_nor_probes_it_unlocked(
     answered = threading.Event()
     try:
         assert holding.wait(WAIT_S)
-        asker = threading.Thread(
-            target=lambda: (answers.append(daemon.device_info("self1")), answered.set()),
-            name="test-asker")
+        def ask() -> None:
+            answers.append(daemon.device_info("self1"))
+            answered.set()
+
+        asker = threading.Thread(target=ask, name="test-asker")
         asker.start()
         assert answered.wait(WAIT_S), "device_info() waited for a busy device's lock"
         asker.join(WAIT_S)
@@ -705,7 +708,7 @@ def test_concurrent_publishers_reach_every_subscriber_and_replay_in_sequence_ord
     everything = list(range(1, total + 1))
     for sub in subs:
         seen = [item.sequence for item in sub.drain()]
-        out_of_order = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b <= a)
+        out_of_order = sum(1 for a, b in itertools.pairwise(seen) if b <= a)
         assert out_of_order == 0, f"{sub.name}: {out_of_order} of {total} items out of order"
         assert seen == everything
     assert [item.sequence for item in hub.replay(0)] == everything

@@ -41,6 +41,8 @@ class ServerSettings:
     stream_ping: float = 15.0  # seconds between keep-alive comments on SSE streams
     stream_send_timeout: float = 30.0  # a client that accepts no bytes this long is dropped
     stream_maxsize: int = 1000  # default per-client stream buffer (items)
+    stream_max_bytes: int = 32 * 2**20  # per-client stream buffer cap (estimated bytes)
+    stream_max_clients: int = 100  # SSE clients per stream; the next one gets 503
     tokens: TokenTable | None = None  # None: no authentication (see labd.server.auth)
 
 

@@ -90,6 +90,12 @@ def _check_settings(
         raise InvalidArgumentError(f"max_body_bytes must be an integer >= 0, got {max_body_bytes!r}")
 
 
+def _check_stream_caps(max_clients: object, max_bytes: object) -> None:
+    for name, value in (("stream_max_clients", max_clients), ("stream_max_bytes", max_bytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+
+
 class LabDaemonServer:
     """Serve a :class:`labd.LabDaemon` over HTTP and Server-Sent Events (docs/http-api.md).
 
@@ -99,7 +105,8 @@ class LabDaemonServer:
     then every request but ``GET /health`` needs a token, and its user is the caller's
     principal (see docs/http-api.md, "Authentication"). Tokens travel in clear text over plain
     HTTP: beyond a trusted network, put a TLS proxy in front. ``port=0`` picks a free port;
-    read it back from :attr:`port`.
+    read it back from :attr:`port`. Each SSE stream takes at most ``stream_max_clients``
+    clients (the next gets 503), each with a buffer of at most ``stream_max_bytes``.
 
     Example::
 
@@ -120,10 +127,13 @@ class LabDaemonServer:
         max_body_bytes: int = 16 * 2**20,
         cors_origins: Iterable[str] | None = None,
         stream_ping: float = 15.0,
+        stream_max_clients: int = 100,
+        stream_max_bytes: int = 32 * 2**20,
         log_level: str = "warning",
         tokens: TokenTable | Mapping[str, Token | tuple[str, str]] | None = None,
     ) -> None:
         _check_settings(host, port, request_timeout, max_body_bytes)
+        _check_stream_caps(stream_max_clients, stream_max_bytes)
         origins = None if cors_origins is None else tuple(cors_origins)
         if origins is not None and not all(isinstance(o, str) for o in origins):
             raise InvalidArgumentError(f"cors_origins must be strings such as 'http://localhost:3000', got {origins!r}")
@@ -133,7 +143,9 @@ class LabDaemonServer:
         self.log_level = log_level
         table = None if tokens is None else TokenTable.coerce(tokens)
         settings = ServerSettings(request_timeout=float(request_timeout), max_body_bytes=max_body_bytes,
-                                  cors_origins=origins, stream_ping=stream_ping, tokens=table)
+                                  cors_origins=origins, stream_ping=stream_ping, tokens=table,
+                                  stream_max_clients=stream_max_clients,
+                                  stream_max_bytes=stream_max_bytes)
         self.app = create_app(daemon, settings)
         self._context: ServerContext = self.app.state.labd
         self._state = ServerState.NEW

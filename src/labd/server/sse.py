@@ -1,21 +1,20 @@
 """Server-Sent Events: ``/stream/devices/{id}``, ``/stream/tasks/{id}``, ``/stream/events``.
 
-Each client gets its own pull-mode :class:`labd.streaming.Subscription` with a bounded queue,
-so a client that stops reading loses only its own oldest items and never slows the device or
-the other clients. The subscription's ``on_ready`` hook wakes the client's generator on the
-event loop (``call_soon_threadsafe``); the generator drains, sends, re-arms and waits again.
+The server holds one pull-mode :class:`labd.streaming.Subscription` per stream and fans it
+out on the event loop to that stream's clients (:mod:`labd.server.fanout`): a publish wakes
+the loop once, however many clients listen. Each client has its own buffer, bounded in items
+(``?maxsize=``, default ``stream_maxsize``) and bytes (``stream_max_bytes``), so a client that
+stops reading loses only its own oldest items and never slows the device or the other
+clients. A stream takes at most ``stream_max_clients`` clients; the next one gets 503.
 Streams end when the client leaves, when the stream itself ends (``stop_streaming``, a task's
 ``finished``), or when the server stops.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from typing import Annotated, Any
 
 from fastapi import Header, Query
@@ -28,7 +27,8 @@ from labd.errors import ErrorRecord, InvalidArgumentError, iso_from_timestamp
 from labd.ownership import acting_as
 from labd.server.context import ServerContext, guard_device_code
 from labd.server.encoding import UnserializableResult, dumps, looks_large
-from labd.server.errors import ServerStopping
+from labd.server.errors import ServerStopping, error_response
+from labd.server.fanout import SHARED_MAXSIZE, ClientBuffer, StreamFanout, StreamFull, fanout_table
 from labd.server.models import Ctx, DeviceIdPath, MaxsizeQuery, RemoteActor, TaskIdPath
 from labd.server.routing import RouteSpec
 from labd.streaming import StreamItem, Subscription
@@ -47,63 +47,80 @@ LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID")]
 
 
 class _Pump:
-    """One client's subscription, the wake-up event it triggers, and its cleanup."""
+    """One client: its buffer in the stream's fan-out, the shutdown wake-up, and its cleanup."""
 
     def __init__(self, ctx: ServerContext, kind: str) -> None:
         self.ctx = ctx
         self.kind = kind
-        self.loop = asyncio.get_running_loop()
-        self.wake = asyncio.Event()
         self.stopping = False
-        self.sub: Subscription | None = None
-        self._lock = threading.Lock()
+        self.client: ClientBuffer | None = None
         self._closed = False
         self._shutdown_handle = ctx.shutdown.add(self._on_shutdown)
         ctx.metrics.stream_clients.labels(kind).inc()
 
-    def on_ready(self) -> None:
-        """Called by the producer's thread when data arrives for an armed subscription."""
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
-            self.loop.call_soon_threadsafe(self.wake.set)
+    @property
+    def sub(self) -> Subscription:
+        """The fan-out's subscription on the stream (valid once joined)."""
+        assert self.client is not None and self.client.fanout.sub is not None
+        return self.client.fanout.sub
 
-    def _on_shutdown(self) -> None:
+    async def join(self, key: Hashable, label: str,
+                   open_subscription: Callable[[StreamFanout], Awaitable[None]],
+                   maxsize: int | None) -> None:
+        """Become a client of stream ``key`` (opening it with ``open_subscription`` if needed)."""
+        settings = self.ctx.settings
+        table = fanout_table(self.ctx, settings.stream_max_clients)
+        self.client = await table.join(key, label, open_subscription,
+                                       maxsize or settings.stream_maxsize,
+                                       settings.stream_max_bytes)
+
+    def _on_shutdown(self) -> None:  # on the loop (ShutdownSignal schedules it there)
         self.stopping = True
-        self.wake.set()
-
-    def adopt(self, sub: Subscription) -> None:
-        """Keep ``sub`` (from a worker thread); close it at once if the client already left."""
-        with self._lock:
-            if not self._closed:
-                self.sub = sub
-                return
-        sub.close()
+        if self.client is not None:
+            self.client.wake.set()
 
     def close(self) -> None:
-        """Close the subscription and forget the client. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            sub = self.sub
+        """Leave the stream and forget the client (on the loop). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self.ctx.shutdown.remove(self._shutdown_handle)
         self.ctx.metrics.stream_clients.labels(self.kind).dec()
-        if sub is not None:
-            sub.close()
+        if self.client is not None:
+            self.client.leave()
 
     async def next_batch(self) -> list[StreamItem] | None:
         """The next queued items; None once the stream ended or the server is stopping."""
-        sub = self.sub
-        assert sub is not None
+        client = self.client
+        assert client is not None
         while not self.stopping:
-            items = sub.drain(BATCH)
+            items = client.drain(BATCH)
             if items:
                 return items
-            if sub.closed:
-                return sub.drain() or None  # published just before the stream ended
-            self.wake.clear()
-            if sub.arm():  # nothing queued: wait for on_ready (or shutdown)
-                await self.wake.wait()
+            if client.ended:
+                return None
+            client.wake.clear()  # set again by new items, the stream's end, or shutdown
+            await client.wake.wait()
         return None
+
+
+def _shared_maxsize(ctx: ServerContext) -> int:
+    return max(SHARED_MAXSIZE, ctx.settings.stream_maxsize)
+
+
+async def _refuse_if_full(pump: _Pump, join: Awaitable[None]) -> Response | None:
+    """Await ``join``; a full stream becomes a 503 answer (and the pump is released)."""
+    try:
+        await join
+    except StreamFull as exc:
+        pump.close()
+        record = ErrorRecord(type="StreamFull", message=str(exc), origin="framework",
+                             context={"stream": exc.stream, "max_clients": exc.cap})
+        return error_response(503, record, headers={"Retry-After": "5"})
+    except BaseException:
+        pump.close()
+        raise
+    return None
 
 
 def _frame(event: str, data: bytes, sequence: int | None) -> bytes:
@@ -212,20 +229,21 @@ async def stream_device(
     """Subscribe to a device's data (``event: device_data``); starts the stream if needed."""
     after = _resume_after(last_event_id, last_event_id_header)
     pump = _Pump(ctx, "device")
-    size = maxsize or ctx.settings.stream_maxsize
 
-    def job() -> None:
-        with acting_as(actor):
-            pump.adopt(guard_device_code(
-                lambda: ctx.daemon.subscribe(device_id, on_ready=pump.on_ready, maxsize=size),
-                device_id, "start_streaming()"))
+    async def open_subscription(fanout: StreamFanout) -> None:
+        def job() -> None:
+            with acting_as(actor):
+                fanout.adopt(guard_device_code(
+                    lambda: ctx.daemon.subscribe(device_id, on_ready=fanout.on_ready,
+                                                 maxsize=_shared_maxsize(ctx)),
+                    device_id, "start_streaming()"))
 
-    try:
         await ctx.run_for_device(device_id, job, what=f"starting the stream of {device_id!r}")
-    except BaseException:
-        pump.close()
-        raise
-    assert pump.sub is not None
+
+    refused = await _refuse_if_full(pump, pump.join(
+        ("device", device_id), f"/stream/devices/{device_id}", open_subscription, maxsize))
+    if refused is not None:
+        return refused
     replay = pump.sub.hub.replay(after) if after is not None else []
 
     def envelope(item: StreamItem) -> tuple[str, dict[str, Any]]:
@@ -255,8 +273,17 @@ async def stream_task(
     after = _resume_after(last_event_id, last_event_id_header)
     handle = ctx.daemon.get_task(task_id)
     pump = _Pump(ctx, "task")
+
+    async def open_subscription(fanout: StreamFanout) -> None:
+        fanout.adopt(ctx.daemon.subscribe_task(task_id, on_ready=fanout.on_ready,
+                                               maxsize=_shared_maxsize(ctx)))
+
+    refused = await _refuse_if_full(pump, pump.join(
+        ("task", task_id), f"/stream/tasks/{task_id}", open_subscription, maxsize))
+    if refused is not None:
+        return refused
     try:
-        first, replay = _task_stream_start(pump, handle, after, maxsize)
+        first, replay = _task_stream_start(pump, handle, after)
     except BaseException:
         pump.close()
         raise
@@ -265,13 +292,10 @@ async def stream_task(
 
 
 def _task_stream_start(
-    pump: _Pump, handle: TaskHandle, after: int | None, maxsize: int | None,
+    pump: _Pump, handle: TaskHandle, after: int | None,
 ) -> tuple[list[bytes], list[StreamItem]]:
-    """Subscribe; build the first ``state`` frame and the items to send before live ones."""
-    ctx, task_id = pump.ctx, handle.task_id
-    pump.adopt(ctx.daemon.subscribe_task(task_id, on_ready=pump.on_ready,
-                                         maxsize=maxsize or ctx.settings.stream_maxsize))
-    assert pump.sub is not None
+    """Build the first ``state`` frame and the items to send before live ones."""
+    task_id = handle.task_id
     hub = pump.sub.hub
     info, now = handle.info(), time.time()
     state = {"event": "state", "task_id": task_id, "sequence": hub.sequence,
@@ -281,7 +305,9 @@ def _task_stream_start(
     if handle.is_running():
         return [_frame("state", dumps(state), None)], replay
     # Ended before we subscribed: its "finished" event may be gone, so send one.
-    replay = [*replay, *pump.sub.drain()]
+    assert pump.client is not None
+    pump.client.fanout.catch_up()
+    replay = [*replay, *pump.client.drain(len(pump.client))]
     if not any(_is_finished(item) for item in replay):
         replay.append(StreamItem(hub.sequence + 1, now, {
             "event": "finished", "task_id": task_id, "status": handle.status}))
@@ -296,12 +322,14 @@ async def stream_events(
     after = _resume_after(last_event_id, last_event_id_header)
     hub = ctx.daemon.events
     pump = _Pump(ctx, "events")
-    try:
-        pump.adopt(hub.subscribe(on_ready=pump.on_ready,
-                                 maxsize=maxsize or ctx.settings.stream_maxsize))
-    except BaseException:
-        pump.close()
-        raise
+
+    async def open_subscription(fanout: StreamFanout) -> None:
+        fanout.adopt(hub.subscribe(on_ready=fanout.on_ready, maxsize=_shared_maxsize(ctx)))
+
+    refused = await _refuse_if_full(pump, pump.join(
+        ("events",), "/stream/events", open_subscription, maxsize))
+    if refused is not None:
+        return refused
     replay = hub.replay(after) if after is not None else []
     content = _generate(pump, (), replay, _merged, "daemon events")
     return _SSEResponse(ctx, pump, content)
@@ -310,6 +338,8 @@ async def stream_events(
 _SSE_DOCS: dict[int | str, dict[str, Any]] = {
     200: {"description": "A stream of Server-Sent Events (see docs/http-api.md, Streams).",
           "content": {"text/event-stream": {}}},
+    503: {"description": "The stream already has the server's stream_max_clients clients "
+                         "(error type StreamFull), or the server is stopping."},
 }
 
 ROUTES = [
