@@ -10,6 +10,15 @@ has the method's own signature. The wrapper:
 3. calls the original function, records any exception as the device's last error, and
    releases the lock.
 
+The acquire sits inside the ``try`` whose ``finally`` releases, so an interrupt at any point
+(Python checks for signals right after each call, so also just after the lock was taken)
+never leaves the lock held. The ``finally`` cannot know whether the interrupt came before or
+after the acquire; it does not need to: ``acquire(False)`` is tried first, so a caller that
+already held the lock (re-entrant) always got one more level, and a caller that did not hold
+it holds it now only if this call took it. ``RLock.release()`` raises ``RuntimeError`` when
+this thread does not hold the lock, and changes nothing, so "release, ignore RuntimeError" is
+exactly "release what this call took", in one C call that a second interrupt cannot split.
+
 Generating the wrapper with the method's exact parameters (instead of ``*args, **kwargs``)
 halves the per-call overhead; see docs/decisions/0002-device-wrapper.md.
 """
@@ -202,9 +211,20 @@ class DeviceSlot:
         stats = self.lock.statistics()
         return {"holder": stats.holder_thread, "waiting": stats.waiting, "fifo": stats.fifo_mode}
 
-    def acquire_slow(self, method: str) -> None:
-        """The contended path of every wrapper: fair, and bounded by ``call_timeout``."""
-        if self.lock.acquire_slow(self.call_timeout):
+    def acquire_contended(self, method: str) -> None:
+        """The contended path of every wrapper: fair, and bounded by ``call_timeout``.
+
+        Called when the wrapper's ``acquire(False)`` failed (another thread holds the lock) or
+        succeeded while FIFO mode is on. In the second case a re-entrant call keeps its level;
+        a newcomer gives the lock back and queues behind the waiters it would have barged past.
+        """
+        lock = self.lock
+        rlock = lock.rlock
+        if rlock._is_owned():  # type: ignore[attr-defined]
+            if not lock.fifo or rlock._recursion_count() > 1:  # type: ignore[attr-defined]
+                return
+            rlock.release()
+        if lock.acquire_slow(self.call_timeout):
             return
         stats = self.lock.statistics()
         holder = stats.holder_thread or "another thread"
@@ -228,28 +248,34 @@ def __ld_make(__ld_slot, __ld_func, __ld_inst, __ld_defaults):
     __ld_lock = __ld_slot.lock
     __ld_acquire = __ld_lock.rlock.acquire
     __ld_release = __ld_lock.rlock.release
-    __ld_slow = __ld_slot.acquire_slow
+    __ld_slow = __ld_slot.acquire_contended
     __ld_fail = __ld_slot.fail
     __ld_check = __ld_slot.check_command
     def {name}({params}):
-        {acquire}
         try:
-            {check}
-            return __ld_func(__ld_inst{call})
-        except BaseException as __ld_exc:
-            __ld_fail(__ld_exc, {name!r})
-            raise
+            {acquire}
+            try:
+                {check}
+                return __ld_func(__ld_inst{call})
+            except BaseException as __ld_exc:
+                __ld_fail(__ld_exc, {name!r})
+                raise
         finally:
-            __ld_release()
+            try:
+                __ld_release()
+            except RuntimeError:  # interrupted or timed out before this call took the lock
+                pass
     return {name}
 """
 
 _CHECK = "if __ld_slot.owner is not None: __ld_check({name!r})"
 # A plain blocking acquire() would save ~25 ns of argument parsing, but measured on a loaded
 # 2-core machine a plain RLock gave one of four hammering threads 1 call in 400; the fair slow
-# path needs the non-blocking attempt (see ADR 0002).
-_ACQUIRE = """if __ld_lock.fifo or not __ld_acquire(False):
-            __ld_slow({name!r})"""
+# path needs the non-blocking attempt (see ADR 0002). The attempt comes before the FIFO check
+# so that a re-entrant call always takes its level here, where the finally can account for it
+# (see the module docstring); a newcomer that got the lock in FIFO mode gives it back.
+_ACQUIRE = """if not __ld_acquire(False) or __ld_lock.fifo:
+                __ld_slow({name!r})"""
 
 
 def _signature_parts(func: Callable[..., Any]) -> tuple[str, str, list[Any]] | None:
