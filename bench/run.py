@@ -34,6 +34,7 @@ REPO_DIR = BENCH_DIR.parent
 CORE = BENCH_DIR / "core.py"
 STORE = BENCH_DIR / "store.py"
 SERVER = BENCH_DIR / "server.py"
+PUBLISH = BENCH_DIR / "publish_cost.py"
 # The server scenarios of bench/server.py (it is not imported: it runs as a child).
 SERVER_SCENARIOS = ("call", "slow", "latency", "fanout", "blocks")
 # LabDaemon's server runs on the same web stack as labd's (these packages at the versions
@@ -56,6 +57,7 @@ LABDAEMON_VENV = BENCH_DIR / ".venv-labdaemon"
 LABDAEMON_STAMP = LABDAEMON_VENV / f".installed-{LABDAEMON_PIN.replace('==', '-')}"
 CHILD_TIMEOUT_S = 120.0  # one group takes ~10 s; a hung daemon must not hang `make bench`
 STORE_TIMEOUT_S = 300.0  # the store run takes ~20 s
+PUBLISH_TIMEOUT_S = 300.0  # the publish-cost run takes ~30 s (1,000 clients connect first)
 SERVER_TIMEOUT_S = 240.0  # one scenario, all implementations: ~30 s; server.py bounds its own waits
 
 # Piped output (make, CI logs) would otherwise wrap the table at 80 columns.
@@ -71,6 +73,7 @@ class Plan:
     core: list[str]
     store: bool
     server: list[str]
+    publish: bool = False
 
 
 # --- the metrics and their targets -------------------------------------------
@@ -86,7 +89,7 @@ class Metric:
     target: str = ""
     # (labd value, ratio labd-vs-LabDaemon or None) -> met? None: cannot tell (no LabDaemon run)
     check: Callable[[float, float | None], bool | None] | None = None
-    section: str = "core"  # core | store | server: the benchmark that measures it
+    section: str = "core"  # core | store | publish | server: the benchmark that measures it
 
 
 def _ratio_at_least(minimum: float) -> Callable[[float, float | None], bool | None]:
@@ -116,6 +119,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("store_unpaced_records_lost", "count", False, "0", lambda v, _r: v == 0, "store"),
     Metric("store_trivial_tasks_per_s_store", "rate", True, section="store"),
     Metric("store_trivial_ratio", "x", True, section="store"),
+    # bench/publish_cost.py: labd only; publish() on the producer's thread, N SSE clients.
+    Metric("publish_p50_us_1", "us", False, section="publish"),
+    Metric("publish_p99_us_1", "us", False, section="publish"),
+    Metric("publish_p99_us_10", "us", False, section="publish"),
+    Metric("publish_p99_us_100", "us", False, section="publish"),
+    Metric("publish_p50_us_1000", "us", False, section="publish"),
+    Metric("publish_p99_us_1000", "us", False, "<= 50 us", lambda v, _r: v <= 50, "publish"),
     # bench/server.py: HTTP calls, then SSE streams.
     Metric("http_call1_req_per_s", "rate", True, ">= 1.3x", _ratio_at_least(1.3), "server"),
     Metric("http_call1_p50_ms", "ms", False, section="server"),
@@ -128,7 +138,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("sse_blocks_min_share", "share", True, ">= 95% each", lambda v, _r: v >= 0.95, "server"),
     Metric("health_p99_ms_under_blocks", "ms", False, "< 50 ms", lambda v, _r: v < 50, "server"),
 )
-SECTIONS = ("core", "store", "server")
+SECTIONS = ("core", "store", "publish", "server")
 
 
 def ratio_of(metric: Metric, labd: float | None, labdaemon: float | None) -> float | None:
@@ -342,6 +352,19 @@ def measure_store(run: Run, env: dict[str, str] | None, args: argparse.Namespace
     run["metrics"].update({f"store_{key}": value for key, value in figures.items()})
 
 
+def measure_publish(run: Run, env: dict[str, str] | None, args: argparse.Namespace) -> None:
+    """bench/publish_cost.py (labd only): its figures become ``publish_*`` metrics."""
+    console.print("[bold]publish cost[/]: labd")
+    cmd = [sys.executable, str(PUBLISH), *(["--quick"] if args.quick else [])]
+    try:
+        figures = child_json(cmd, env, PUBLISH_TIMEOUT_S, "labd publish cost")
+    except (RuntimeError, OSError, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        run["errors"]["publish"] = str(exc)
+        return
+    run["metrics"].update({f"publish_{key}": value for key, value in figures.items()})
+
+
 def measure_server(
     runs: dict[str, Run],
     labdaemon_python: str | None,
@@ -393,6 +416,8 @@ def measure(impls: list[str], plan: Plan, args: argparse.Namespace) -> dict[str,
     measure_core(runs, ready, plan.core, args)
     if plan.store and "labd" in ready:
         measure_store(runs["labd"], ready["labd"][1], args)
+    if plan.publish and "labd" in ready:
+        measure_publish(runs["labd"], ready["labd"][1], args)
     if plan.server:
         labdaemon_python = ready["labdaemon"][0] if "labdaemon" in ready else None
         if labdaemon_python:
@@ -465,7 +490,7 @@ def print_table(rows: list[dict[str, Any]], runs: dict[str, Run]) -> None:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}x"
         cells = [
             metric.name,
-            "—" if metric.section == "store" else fmt_value(metric.unit, row["labdaemon"]),
+            "—" if metric.section in ("store", "publish") else fmt_value(metric.unit, row["labdaemon"]),
             fmt_value(metric.unit, row["labd"]),
             ratio,
             metric.target,
@@ -555,7 +580,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        help="core, store, server, a core group, a server scenario or a metric name "
+        help="core, store, publish, server, a core group, a server scenario or a metric name "
         "(repeatable, comma-separated)",
     )
     parser.add_argument("--quick", action="store_true", help="shorter runs, noisier figures")
@@ -576,16 +601,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_plan(only: list[str] | None) -> Plan:
     """What ``--only`` selects; everything when it is empty. ValueError names valid choices."""
     if not only:
-        return Plan(list(GROUPS), True, list(SERVER_SCENARIOS))
+        return Plan(list(GROUPS), True, list(SERVER_SCENARIOS), publish=True)
     server_metrics = {m.name: m for m in METRICS if m.section == "server"}
     core: list[str] = []
-    store, server = False, []
+    store, server, publish = False, [], False
     for raw in only:
         for name in filter(None, (part.strip() for part in raw.split(","))):
             if name == "core":
                 core += list(GROUPS)
             elif name == "store" or name.startswith("store_"):
                 store = True
+            elif name == "publish" or name.startswith("publish_"):
+                publish = True
             elif name == "server":
                 server += list(SERVER_SCENARIOS)
             elif name in SERVER_SCENARIOS:
@@ -597,10 +624,10 @@ def make_plan(only: list[str] | None) -> Plan:
                     core += select_groups([name])
                 except ValueError as exc:
                     raise ValueError(
-                        f"{exc}; or core, store, server, or a server scenario: "
+                        f"{exc}; or core, store, publish, server, or a server scenario: "
                         f"{', '.join(SERVER_SCENARIOS)}"
                     ) from None
-    return Plan(list(dict.fromkeys(core)), store, list(dict.fromkeys(server)))
+    return Plan(list(dict.fromkeys(core)), store, list(dict.fromkeys(server)), publish)
 
 
 def _scenario_of(metric: str) -> str:
