@@ -471,8 +471,6 @@ def test_runs_prune_deletes_old_runs_from_a_local_db(runner: CliRunner, tmp_path
 
 
 def test_runs_prune_bad_values_and_a_store_in_use(runner: CliRunner, tmp_path: Path) -> None:
-    import sqlite3
-
     from labd.store import RunStore
 
     db = tmp_path / "runs.db"
@@ -481,13 +479,12 @@ def test_runs_prune_bad_values_and_a_store_in_use(runner: CliRunner, tmp_path: P
     bad_size = invoke(runner, "runs", "prune", "--max-size", "1XB", "--db", str(db))
     nothing = invoke(runner, "runs", "prune", "--db", str(db))
     missing = invoke(runner, "runs", "prune", "--older-than", "1d", "--db", str(tmp_path / "x.db"))
-    # A live labd process (here: our parent) whose session in the file has not ended.
-    conn = sqlite3.connect(db)
-    conn.execute("INSERT INTO sessions(started_at, pid, host) VALUES (?,?,?)",
-                 (1.0, os.getppid(), os.uname().nodename))
-    conn.commit()
-    conn.close()
-    in_use = invoke(runner, "runs", "prune", "--older-than", "1d", "--db", str(db))
+    # A live writer (here: this process) holds the store's lock.
+    holder = RunStore(db)
+    try:
+        in_use = invoke(runner, "runs", "prune", "--older-than", "1d", "--db", str(db))
+    finally:
+        holder.close()
     assert bad_unit.exit_code == 2
     assert_one_line_error(bad_unit, "--older-than", "'90x'", "valid units: s, m, h, d, w")
     assert bad_size.exit_code == 2
@@ -497,7 +494,7 @@ def test_runs_prune_bad_values_and_a_store_in_use(runner: CliRunner, tmp_path: P
     assert missing.exit_code == 2
     assert_one_line_error(missing, "no run store", "x.db")
     assert in_use.exit_code == 1
-    assert_one_line_error(in_use, "in use by labd process", str(os.getppid()))
+    assert_one_line_error(in_use, "in use by labd process", str(os.getpid()))
     assert not (tmp_path / "x.db").exists()
 
 

@@ -1,17 +1,44 @@
 """The run store: a durable history of runs, device errors, leases and daemon sessions.
 
-One SQLite file in WAL mode, written by one writer thread fed by a queue, so task and
-device threads only ever do a queue put. Each batch of queued records is one transaction.
-On open, runs that a previous process left ``pending``/``running``/``paused`` become
-``interrupted`` at the time of their last record. Results and emitted data are stored as
-JSON (``labd.io.dumps_json``: NumPy-aware, NaN-safe); NumPy arrays larger than
-``array_threshold`` bytes go to ``.npy`` side files in ``<db>.files/`` and are loaded back
-transparently. When the disk fails (full, read-only) the store turns *degraded*: it logs
-once, counts what it could not write, and the daemon keeps working.
+One SQLite file in WAL mode, written by one writer thread fed by a queue. Producers (task
+and device threads) encode each value on their own thread when they record it, so a buffer
+refilled after ``emit`` never changes what was recorded, and then only do a queue put. Each
+batch of queued records is one transaction. On open, runs that a previous process left
+``pending``/``running``/``paused`` become ``interrupted`` at the time of their last record.
+
+Values are stored as JSON (``labd.io.dumps_json``: NumPy-aware, NaN-safe); a part that JSON
+cannot hold is stored as its ``repr`` with a logged warning, never dropped. NumPy arrays
+larger than ``array_threshold`` bytes are copied when recorded and written by the writer to
+``.npy`` side files of their own in ``<db>.files/``, loaded back transparently.
+
+Durability (ADR 0010): the writer commits with ``synchronous=FULL``, so a commit, and with it
+a run acknowledged as finished, survives power loss, not only a crash. Side files and their
+directories are fsynced before the row that references them commits, and deleted again
+when that row does not commit. :meth:`RunStore.close` writes everything queued before it
+and stops the writer before the database closes.
+
+Failures: the writer never stops. A batch that fails is retried record by record (a
+savepoint each), so one bad record, or a full disk, loses only what could not be written.
+What failed is reported to whoever waits for it (``flush()`` returns False; a run's
+``persisted`` future raises :class:`StoreWriteError`), counted (``dropped_records``), and
+makes the store *degraded* (``degraded_reason``, ``/health``) until a write succeeds again.
+
+One process writes a file at a time: an exclusive ``flock`` on ``<db>.lock``, which the OS
+drops when the holder dies, so a restart right after ``kill -9`` takes the store over.
+Reading a history needs no lock (:class:`labd.store_history.HistoryFile`).
+
+Errors::
+
+    LabDaemonException
+     +-- StoreError            the store cannot be opened (bad path, read-only, newer schema)
+          +-- StoreInUseError  another live process writes this file (``.pid`` names it)
+          +-- StoreWriteError  a record could not be written (disk full, I/O error, closed)
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
 import queue
@@ -19,7 +46,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +58,24 @@ from labd.errors import LabDaemonException
 from labd.io import dumps_json
 from labd.store_history import FILE_KEY, StoreHistory
 
-__all__ = ["SCHEMA_VERSION", "RunStore", "StoreError", "default_db_path"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "RunStore",
+    "StoreError",
+    "StoreInUseError",
+    "StoreWriteError",
+    "default_db_path",
+]
 
 log = logging.getLogger("labd.store")
 
 SCHEMA_VERSION = 1
 _ACTIVE = ("pending", "running", "paused")
+_BATCH = 5000  # records per transaction at most
+_MAX_REPR = 64 * 1024  # a repr stored in place of an unencodable value is cut to this
+# A lock whose holder is dead (or a zombie) is released by the kernel as the process exits;
+# wait this long for that before calling the file busy.
+_DEAD_HOLDER_WAIT_S = 5.0
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -72,6 +113,18 @@ class StoreError(LabDaemonException):
     """The run store cannot be opened (bad path, read-only file, newer schema)."""
 
 
+class StoreInUseError(StoreError):
+    """Another live process holds the run store's writer lock; ``pid`` names it if known."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class StoreWriteError(StoreError):
+    """A record could not be written (disk full, I/O error, store closed); the reason says which."""
+
+
 def default_db_path() -> Path:
     """``$LABD_DB``, else ``$XDG_DATA_HOME/labd/labd.db`` (``~/.local/share/labd/labd.db``)."""
     env = os.environ.get("LABD_DB")
@@ -81,8 +134,26 @@ def default_db_path() -> Path:
     return Path(base) / "labd" / "labd.db"
 
 
+#: An array to write beside the database: (path relative to ``<db>.files``, a private copy).
+_SideFile = tuple[str, np.ndarray[Any, Any]]
+
+
+@dataclass(slots=True, eq=False)
+class _Record:
+    """One queued write, already encoded; ``op`` names the ``_apply_*`` method, or "flush"."""
+
+    op: str
+    ts: float
+    uid: int | None  # the run it belongs to, None for device errors, leases, sessions
+    args: tuple[Any, ...] = ()
+    files: list[_SideFile] = field(default_factory=list)
+    done: Any = None  # a Future (or anything with .set()) told when this is written
+    seq: int = 0  # queue order, assigned under the put lock
+    since: int = 0  # flush only: failures from this seq on are reported to it
+
+
 class RunStore(StoreHistory):
-    """Durable run history on SQLite; every write is a non-blocking queue put.
+    """Durable run history on SQLite; every write is an encode and a non-blocking queue put.
 
     Example::
 
@@ -110,21 +181,38 @@ class RunStore(StoreHistory):
         #: Size cap: the writer deletes the oldest finished runs when the database grows past it.
         self.max_bytes = max_bytes
         self._last_cap_check = 0.0
+        #: Why the last write failed, while the store cannot write (None: healthy).
         self.degraded_reason: str | None = None
+        #: The most recent write failure, kept after the store recovered.
+        self.last_write_error: str | None = None
         self.dropped_records = 0
         self.written_records = 0
-        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        #: Values stored as their repr because JSON cannot hold them.
+        self.repr_values = 0
+        self._warned_repr: set[tuple[int | None, str]] = set()
+        self._queue: queue.SimpleQueue[_Record | None] = queue.SimpleQueue()
+        # Held only around a queue put: orders seq numbers and makes close() a clean cut.
+        self._put_lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._file_seq = itertools.count()  # side file names: one per array, never reused
+        self._failed_seqs: list[int] = []  # writer thread only
+        self._failed_runs: dict[int, str] = {}  # writer thread only
+        self._flushed_seq = 0  # the last flush the writer answered
         self._read_lock = threading.Lock()
         self._closed = False
         self._check_path(create_dirs)
         self._lock_fd = self._lock_file()
-        self._writer_conn = self._connect()
-        self._migrate(self._writer_conn)
-        self._reader = self._connect()
-        self.interrupted = self._mark_interrupted()
-        self._next_uid = self._max_uid() + 1
+        try:
+            self._writer_conn = self._connect()
+            self._migrate(self._writer_conn)
+            self._reader = self._connect()
+            self.interrupted = self._mark_interrupted()
+            self._next_uid = self._max_uid() + 1
+            self.session = self._start_session()
+        except BaseException:
+            self._release_lock()
+            raise
         self._uid_lock = threading.Lock()
-        self.session = self._start_session()
         self._thread = threading.Thread(target=self._write_loop, name="labd-store-writer", daemon=True)
         self._thread.start()
 
@@ -158,7 +246,8 @@ class RunStore(StoreHistory):
         """Hold ``<db>.lock`` for as long as the store is open: one writing process per file.
 
         Opening a store marks every active run interrupted, so a second live process on the
-        same file would rewrite the first one's history. The OS drops the lock if we crash.
+        same file would rewrite the first one's history. This flock is the only "in use"
+        check: the OS drops it when its holder exits, however it died.
         """
         try:
             import fcntl
@@ -173,24 +262,39 @@ class RunStore(StoreHistory):
                 "directory is not writable (read-only filesystem or permissions); choose another "
                 "path (--db / LABD_DB)."
             ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StoreError(
-                f"Run store {str(self.path)!r} is in use by labd process {holder}; only one "
-                "process may write a run store. Stop it, or use another --db path."
-            ) from None
+        deadline = time.monotonic() + _DEAD_HOLDER_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                holder = _lock_holder(fd)
+                # A holder that is dead or a zombie lets go as the kernel tears it down.
+                if holder is not None and not _process_alive(holder) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                os.close(fd)
+                raise StoreInUseError(
+                    f"Run store {str(self.path)!r} is in use by labd process "
+                    f"{holder if holder is not None else '(unknown pid)'}; only one process may "
+                    "write a run store. Stop it, or use another --db path (`labd runs --db` "
+                    "reads a history while it is in use).", holder,
+                ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a process crash
+            # FULL: each commit is on the disk before it is acknowledged (ADR 0010).
+            conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             raise StoreError(
@@ -255,64 +359,171 @@ class RunStore(StoreHistory):
             self._next_uid += 1
             return uid
 
-    def _put(self, op: str, *args: Any) -> None:
-        if not self._closed:
-            self._queue.put((op, time.time(), *args))
+    def _put(self, record: _Record) -> bool:
+        with self._put_lock:
+            if not self._closed:
+                record.seq = next(self._seq)
+                self._queue.put(record)
+                return True
+        if record.op == "flush":
+            return False
+        # After close() nothing more can land; say so rather than lose it silently.
+        self.dropped_records += 1
+        log.warning("labd run store %s is closed; a %r record of run %s was not written",
+                    self.path, record.op, record.uid)
+        _resolve(record.done, StoreWriteError(
+            f"Run {record.uid} was not saved: the run store {str(self.path)!r} was closed first."))
+        return False
 
     def run_created(self, uid: int, info: dict[str, Any]) -> None:
         """Record a new run (``info``: task_id, task_type, status, params, device_ids, owner, parent_id)."""
-        self._put("created", uid, info)
+        params, files = self._encode(info.get("params"), uid, "params")
+        row = (str(info["task_id"]), str(info["task_type"]), str(info["status"]), params,
+               self._encode_plain(list(info.get("device_ids", [])), uid, "device_ids"),
+               info.get("owner"), info.get("parent_id"), info.get("created_at"))
+        self._put(_Record("created", time.time(), uid, row, files))
 
     def run_state(self, uid: int, status: str, started_at: float | None) -> None:
         """Record a state change."""
-        self._put("state", uid, status, started_at)
+        self._put(_Record("state", time.time(), uid, (status, started_at)))
 
     def run_progress(self, uid: int, progress: dict[str, Any]) -> None:
         """Record a progress report (every one is kept)."""
-        self._put("progress", uid, progress)
+        self._put(_Record("progress", time.time(), uid, (self._encode_plain(progress, uid, "progress"),)))
 
     def run_data(self, uid: int, data: Any) -> None:
-        """Record emitted data (truncated to ``max_emit_bytes`` when encoded)."""
-        self._put("data", uid, data)
+        """Record emitted data, encoded now (truncated to ``max_emit_bytes`` when encoded).
+
+        Arrays are copied here, so the caller may refill its buffer as soon as this returns.
+        """
+        body, files = self._encode(data, uid, "data")
+        if body is not None and len(body) > self.max_emit_bytes:
+            body, files = dumps_json({"truncated": True, "bytes": len(body)}), []
+        self._put(_Record("data", time.time(), uid, (body,), files))
 
     def run_finished(
         self, uid: int, status: str, result: Any, error: dict[str, Any] | None,
         finished_at: float, done: Any = None,
     ) -> None:
-        """Record the end of a run; ``done`` is set once it is committed."""
-        self._put("finished", uid, status, result, error, finished_at, done)
+        """Record the end of a run, encoded now.
+
+        ``done`` is told once the run's records are on the disk: a ``Future`` gets ``True``,
+        or :class:`StoreWriteError` if any of the run's records could not be written; any
+        other object with ``set()`` is set either way.
+        """
+        body, files = self._encode(result, uid, "result")
+        err = self._encode_plain(error, uid, "error") if error else None
+        self._put(_Record("finished", time.time(), uid, (status, body, err, finished_at), files, done))
 
     def device_error(self, record: dict[str, Any]) -> None:
         """Record a device (or callback) error record."""
-        self._put("device_error", record)
+        context = record.get("context")
+        device_id = context.get("device_id") if isinstance(context, dict) else None
+        row = (_text(device_id), _text(record.get("type")), _text(record.get("message")),
+               _text(record.get("origin")), self._encode_plain(record, None, "device error"))
+        self._put(_Record("device_error", time.time(), None, row))
 
     def lease_event(self, event: str, lease: dict[str, Any]) -> None:
         """Record a lease being granted, renewed, released, expired or broken."""
-        self._put("lease", event, lease)
+        row = (_text(lease.get("lease_id")), _text(lease.get("owner")), event,
+               self._encode_plain(lease, None, "lease"))
+        self._put(_Record("lease", time.time(), None, row))
 
     def flush(self, timeout: float | None = 5.0) -> bool:
-        """Wait until everything queued so far is committed; False on timeout."""
-        if self._closed:
-            return True
-        done = threading.Event()
-        self._queue.put(("flush", time.time(), done))
-        return done.wait(timeout)
+        """Wait until everything queued so far is written.
+
+        False on timeout, or if a record queued before this call and not yet reported to an
+        earlier ``flush()`` could not be written (``degraded_reason`` says why).
+        """
+        if self._closed:  # close() writes what was queued; wait for the writer to finish
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        marker: Future[bool] = Future()
+        if not self._put(_Record("flush", time.time(), None, done=marker, since=self._flushed_seq)):
+            return False
+        try:
+            return marker.result(timeout)
+        except TimeoutError:
+            return False
+
+    # ------------------------------------------------------------------ encoding (producer's thread)
+    def _encode(self, value: Any, uid: int | None, name: str) -> tuple[bytes | None, list[_SideFile]]:
+        """JSON now, and large arrays copied for side files of their own."""
+        if value is None:
+            return None, []
+        files: list[_SideFile] = []
+        body, whole_repr = self._dumps(self._externalize(value, uid, name, files), uid, name)
+        return body, [] if whole_repr else files
+
+    def _encode_plain(self, value: Any, uid: int | None, name: str) -> bytes:
+        return self._dumps(value, uid, name)[0]
+
+    def _dumps(self, tree: Any, uid: int | None, name: str) -> tuple[bytes, bool]:
+        """JSON bytes; what JSON cannot hold becomes its repr (True: the whole value did)."""
+        try:
+            return dumps_json(tree), False
+        except Exception:
+            pass
+        replaced: list[str] = []
+
+        def as_repr(obj: Any) -> str:
+            replaced.append(type(obj).__qualname__)
+            return _safe_repr(obj)
+
+        try:
+            body, whole = dumps_json(tree, default=as_repr), False
+        except Exception as exc:  # e.g. an int beyond 64 bits: keep the whole value as text
+            replaced.append(f"{type(tree).__qualname__} ({exc})")
+            body, whole = dumps_json(_safe_repr(tree)), True
+        self._note_repr(uid, name, replaced)
+        return body, whole
+
+    def _note_repr(self, uid: int | None, name: str, kinds: list[str]) -> None:
+        self.repr_values += 1
+        key = (uid, name)
+        if key not in self._warned_repr:  # once per run and field: a loop must not flood the log
+            self._warned_repr.add(key)
+            log.warning("labd run store: %s of run %s holds %s that JSON cannot hold; stored "
+                        "as repr() instead", name, uid, ", ".join(sorted(set(kinds))))
+
+    def _externalize(self, value: Any, uid: int | None, name: str, files: list[_SideFile]) -> Any:
+        if (isinstance(value, np.ndarray) and value.nbytes > self.array_threshold
+                and not value.dtype.hasobject):
+            rel = f"run-{uid}/{name}-{next(self._file_seq)}.npy"
+            files.append((rel, np.array(value, copy=True)))  # the caller may reuse its buffer
+            return {FILE_KEY: rel, "shape": list(value.shape), "dtype": str(value.dtype)}
+        if isinstance(value, dict):
+            return {k: self._externalize(v, uid, name, files) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._externalize(v, uid, name, files) for v in value]
+        return value
 
     # ------------------------------------------------------------------ writer
     def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            batch = [item]
-            while len(batch) < 5000:
+        try:
+            while True:
+                batch = [self._queue.get()]
+                while len(batch) < _BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                records = [entry for entry in batch if entry is not None]
                 try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(entry is None for entry in batch)
-            self._write_batch([entry for entry in batch if entry is not None])
-            if stop:
-                return
-            self._enforce_cap()
+                    self._write_batch(records)
+                except Exception as exc:  # a bug, not the disk: log it, fail the batch, go on
+                    log.exception("labd run store %s: the writer failed on a batch", self.path)
+                    self._fail_all(records, _reason(exc))
+                if len(records) < len(batch):  # the stop sentinel from close()
+                    return
+                self._enforce_cap()
+        finally:
+            if not self._closed:
+                self.degraded_reason = "the run store's writer thread stopped"
+            # The writer owns its connection and the lock: both end only after its last write.
+            with _suppress_sqlite():
+                self._writer_conn.close()
+            self._release_lock()
 
     def _enforce_cap(self) -> None:
         """On the writer thread, at most every 5 s: keep the file under ``max_bytes``."""
@@ -324,46 +535,157 @@ class RunStore(StoreHistory):
                 deleted = self._shrink_to(self.max_bytes, None)
                 log.info("labd run store %s: deleted %d oldest runs to stay under %d bytes",
                          self.path, deleted, self.max_bytes)
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:
             log.warning("labd run store %s: size cap not applied: %s", self.path, exc)
 
-    def _write_batch(self, batch: list[tuple[Any, ...]]) -> None:
-        waiters = [entry[2] for entry in batch if entry[0] == "flush"]
-        waiters += [entry[-1] for entry in batch if entry[0] == "finished" and entry[-1] is not None]
-        records = [entry for entry in batch if entry[0] != "flush"]
-        if records:
-            conn = self._writer_conn
+    def _write_batch(self, batch: list[_Record]) -> None:
+        """Commit the batch's records, then tell each waiter whether what it waits for landed."""
+        indexed = [(i, entry) for i, entry in enumerate(batch) if entry.op != "flush"]
+        failed: dict[int, str] = {}
+        if indexed:
             try:
-                conn.execute("BEGIN")
-                for entry in records:
-                    self._apply(conn, entry)
-                conn.execute("COMMIT")
-                self.written_records += len(records)
-                if self.degraded_reason is not None:
-                    log.warning("labd run store %s is writable again", self.path)
-                    self.degraded_reason = None
-            except (sqlite3.Error, OSError) as exc:
-                with _suppress_sqlite():
-                    conn.execute("ROLLBACK")
-                self.dropped_records += len(records)
-                if self.degraded_reason is None:
-                    log.error("labd run store %s degraded: %s; history is not being saved", self.path, exc)
-                self.degraded_reason = f"{type(exc).__name__}: {exc}"
-        for event in waiters:
-            event.set()
+                self._transaction([entry for _, entry in indexed])
+            except Exception as exc:
+                # One record (or the disk) failed: keep every record that can still be written.
+                log.warning("labd run store %s: a batch of %d records failed (%s); retrying "
+                            "record by record", self.path, len(indexed), _reason(exc))
+                by_position = self._one_by_one([entry for _, entry in indexed])
+                failed = {indexed[k][0]: reason for k, reason in by_position.items()}
+        self._settle(batch, failed)
 
-    def _apply(self, conn: sqlite3.Connection, entry: tuple[Any, ...]) -> None:
-        getattr(self, f"_apply_{entry[0]}")(conn, entry[1], *entry[2:])
+    def _transaction(self, records: list[_Record]) -> None:
+        conn = self._writer_conn
+        written: list[Path] = []
+        dirs: set[Path] = set()
+        try:
+            conn.execute("BEGIN")
+            for entry in records:
+                self._apply(conn, entry, written, dirs)
+            _fsync_dirs(dirs)  # a row must never name a file that a power cut could lose
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            _unlink(written)
+            raise
 
-    def _apply_created(self, conn: sqlite3.Connection, ts: float, uid: int, info: dict[str, Any]) -> None:
+    def _one_by_one(self, records: list[_Record]) -> dict[int, str]:
+        """One transaction with a savepoint per record; returns {position: reason} of failures."""
+        failed: dict[int, str] = {}
+        # A disk error may make SQLite drop the whole transaction; then start over without
+        # the record that caused it. Each pass fails at least one more record, so this ends.
+        while not self._savepoint_pass(records, failed):
+            pass
+        return failed
+
+    def _savepoint_pass(self, records: list[_Record], failed: dict[int, str]) -> bool:
+        conn = self._writer_conn
+        kept: list[Path] = []
+        dirs: set[Path] = set()
+        try:
+            conn.execute("BEGIN")
+        except Exception as exc:
+            failed.update((i, _reason(exc)) for i in range(len(records)) if i not in failed)
+            return True
+        for i, entry in enumerate(records):
+            if i in failed:
+                continue
+            mine: list[Path] = []
+            try:
+                conn.execute("SAVEPOINT record")
+                self._apply(conn, entry, mine, dirs)
+                conn.execute("RELEASE record")
+            except Exception as exc:
+                failed[i] = _reason(exc)
+                _unlink(mine)
+                if not (conn.in_transaction and _undo_savepoint(conn)):
+                    _rollback(conn)
+                    _unlink(kept)
+                    return False
+                continue
+            kept += mine
+        try:
+            _fsync_dirs(dirs)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            _rollback(conn)
+            _unlink(kept)
+            failed.update((i, _reason(exc)) for i in range(len(records)) if i not in failed)
+        return True
+
+    def _fail_all(self, batch: list[_Record], reason: str) -> None:
+        try:
+            self._settle(batch, {i: reason for i, entry in enumerate(batch) if entry.op != "flush"})
+        except Exception:  # last resort: no waiter may hang because bookkeeping failed
+            log.exception("labd run store %s: could not account for a failed batch", self.path)
+            self.degraded_reason = reason
+            for entry in batch:
+                _resolve(entry.done, StoreWriteError(f"Not saved in {str(self.path)!r}: {reason}."),
+                         False)
+
+    def _settle(self, batch: list[_Record], failed: dict[int, str]) -> None:
+        """Count, mark degraded or healthy, and answer flush markers and runs' ``done``."""
+        records = sum(1 for entry in batch if entry.op != "flush")
+        self.written_records += records - len(failed)
+        self.dropped_records += len(failed)
+        for i, reason in sorted(failed.items()):
+            entry = batch[i]
+            self._failed_seqs.append(entry.seq)
+            if entry.uid is not None:
+                self._failed_runs.setdefault(entry.uid, reason)
+        if len(self._failed_seqs) > 100_000:  # bound memory on a disk that stays full
+            del self._failed_seqs[:50_000]
+        if failed:
+            reason = next(iter(failed.values()))
+            if self.degraded_reason is None:
+                log.error("labd run store %s degraded: %s; %d record(s) not saved", self.path,
+                          reason, len(failed))
+            self.degraded_reason = self.last_write_error = reason
+        elif records and self.degraded_reason is not None:
+            log.warning("labd run store %s is writable again", self.path)
+            self.degraded_reason = None
+        for i, entry in enumerate(batch):
+            if entry.op == "flush":
+                lost = bisect.bisect_left(self._failed_seqs, entry.since) < bisect.bisect_left(
+                    self._failed_seqs, entry.seq)
+                self._flushed_seq = max(self._flushed_seq, entry.seq)
+                _resolve(entry.done, None, not lost)
+            elif entry.done is not None:
+                earlier = self._failed_runs.pop(entry.uid, None) if entry.uid is not None else None
+                why = failed.get(i) or earlier
+                _resolve(entry.done, None if why is None else StoreWriteError(
+                    f"Run {entry.uid} was not completely saved in {str(self.path)!r}: {why}."))
+
+    def _apply(self, conn: sqlite3.Connection, entry: _Record, written: list[Path], dirs: set[Path]) -> None:
+        for rel, array in entry.files:
+            self._write_side_file(rel, array, written, dirs)
+        getattr(self, f"_apply_{entry.op}")(conn, entry.ts, entry.uid, *entry.args)
+
+    def _write_side_file(self, rel: str, array: np.ndarray[Any, Any], written: list[Path], dirs: set[Path]) -> None:
+        """Write and fsync one array; note the directories whose entries must be fsynced too."""
+        target = self.files_dir / rel
+        for directory in (self.files_dir, target.parent):
+            if not directory.is_dir():
+                directory.mkdir()
+                dirs.add(directory.parent)  # the new directory's own entry
+        with open(target, "wb") as fh:
+            written.append(target)
+            np.save(fh, array, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        dirs.add(target.parent)
+
+    def _apply_created(
+        self, conn: sqlite3.Connection, ts: float, uid: int, task_id: str, task_type: str,
+        status: str, params: bytes | None, device_ids: bytes, owner: Any, parent_id: Any,
+        created_at: float | None,
+    ) -> None:
         conn.execute(
             "INSERT INTO runs(uid, task_id, task_type, status, params, device_ids, owner, parent_id,"
             " created_at, updated_at, session) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (uid, info["task_id"], info["task_type"], info["status"],
-             self._encode(info.get("params"), uid, "params"), dumps_json(info.get("device_ids", [])),
-             info.get("owner"), info.get("parent_id"), info.get("created_at", ts), ts, self.session),
+            (uid, task_id, task_type, status, params, device_ids, _text(owner), _text(parent_id),
+             created_at if created_at is not None else ts, ts, self.session),
         )
-        self._event(conn, uid, ts, "state", {"status": info["status"]})
+        self._event(conn, uid, ts, "state", dumps_json({"status": status}))
 
     def _apply_state(
         self, conn: sqlite3.Connection, ts: float, uid: int, status: str, started_at: float | None
@@ -372,81 +694,51 @@ class RunStore(StoreHistory):
             "UPDATE runs SET status=?, started_at=COALESCE(started_at, ?), updated_at=? WHERE uid=?",
             (status, started_at, ts, uid),
         )
-        self._event(conn, uid, ts, "state", {"status": status})
+        self._event(conn, uid, ts, "state", dumps_json({"status": status}))
 
-    def _apply_progress(self, conn: sqlite3.Connection, ts: float, uid: int, progress: Any) -> None:
-        body = dumps_json(progress)
+    def _apply_progress(self, conn: sqlite3.Connection, ts: float, uid: int, body: bytes) -> None:
         conn.execute("UPDATE runs SET progress=?, updated_at=? WHERE uid=?", (body, ts, uid))
-        conn.execute("INSERT INTO run_events(run_uid, ts, kind, body) VALUES (?,?,?,?)",
-                     (uid, ts, "progress", body))
+        self._event(conn, uid, ts, "progress", body)
 
-    def _apply_data(self, conn: sqlite3.Connection, ts: float, uid: int, data: Any) -> None:
-        body = self._encode(data, uid, "data")
-        if body is not None and len(body) > self.max_emit_bytes:
-            body = dumps_json({"truncated": True, "bytes": len(body)})
+    def _apply_data(self, conn: sqlite3.Connection, ts: float, uid: int, body: bytes | None) -> None:
         conn.execute("UPDATE runs SET updated_at=? WHERE uid=?", (ts, uid))
-        conn.execute("INSERT INTO run_events(run_uid, ts, kind, body) VALUES (?,?,?,?)",
-                     (uid, ts, "data", body))
+        self._event(conn, uid, ts, "data", body)
 
     def _apply_finished(
-        self, conn: sqlite3.Connection, ts: float, uid: int, status: str, result: Any,
-        error: dict[str, Any] | None, finished_at: float, done: Any,
+        self, conn: sqlite3.Connection, ts: float, uid: int, status: str, result: bytes | None,
+        error: bytes | None, finished_at: float,
     ) -> None:
         conn.execute(
             "UPDATE runs SET status=?, result=?, error=?, finished_at=?, updated_at=? WHERE uid=?",
-            (status, self._encode(result, uid, "result"), dumps_json(error) if error else None,
-             finished_at, ts, uid),
+            (status, result, error, finished_at, ts, uid),
         )
-        self._event(conn, uid, ts, "state", {"status": status})
+        self._event(conn, uid, ts, "state", dumps_json({"status": status}))
 
-    def _apply_device_error(self, conn: sqlite3.Connection, ts: float, record: dict[str, Any]) -> None:
+    def _apply_device_error(
+        self, conn: sqlite3.Connection, ts: float, _uid: None, device_id: str | None,
+        type_: str | None, message: str | None, origin: str | None, record: bytes,
+    ) -> None:
         conn.execute(
             "INSERT INTO device_errors(ts, device_id, type, message, origin, record) VALUES (?,?,?,?,?,?)",
-            (ts, record.get("context", {}).get("device_id"), record.get("type"), record.get("message"),
-             record.get("origin"), dumps_json(record)),
+            (ts, device_id, type_, message, origin, record),
         )
 
-    def _apply_lease(self, conn: sqlite3.Connection, ts: float, event: str, lease: dict[str, Any]) -> None:
+    def _apply_lease(
+        self, conn: sqlite3.Connection, ts: float, _uid: None, lease_id: str | None,
+        owner: str | None, event: str, body: bytes,
+    ) -> None:
         conn.execute("INSERT INTO lease_events(ts, lease_id, owner, event, body) VALUES (?,?,?,?,?)",
-                     (ts, lease.get("lease_id"), lease.get("owner"), event, dumps_json(lease)))
+                     (ts, lease_id, owner, event, body))
 
-    def _apply_session_end(self, conn: sqlite3.Connection, ts: float) -> None:
+    def _apply_session_end(self, conn: sqlite3.Connection, ts: float, _uid: None) -> None:
         conn.execute("UPDATE sessions SET stopped_at=? WHERE id=?", (ts, self.session))
 
     @staticmethod
-    def _event(conn: sqlite3.Connection, uid: int, ts: float, kind: str, body: Any) -> None:
+    def _event(conn: sqlite3.Connection, uid: int, ts: float, kind: str, body: bytes | None) -> None:
         conn.execute("INSERT INTO run_events(run_uid, ts, kind, body) VALUES (?,?,?,?)",
-                     (uid, ts, kind, dumps_json(body)))
-
-    def _encode(self, value: Any, uid: int, name: str) -> bytes | None:
-        if value is None:
-            return None
-        counter = iter(range(1_000_000))
-        return dumps_json(self._externalize(value, uid, name, counter))
-
-    def _externalize(self, value: Any, uid: int, name: str, counter: Iterator[int]) -> Any:
-        if isinstance(value, np.ndarray) and value.nbytes > self.array_threshold:
-            self.files_dir.mkdir(exist_ok=True)
-            rel = f"run-{uid}/{name}-{next(counter)}.npy"
-            target = self.files_dir / rel
-            target.parent.mkdir(exist_ok=True)
-            np.save(target, value, allow_pickle=False)
-            return {FILE_KEY: rel, "shape": list(value.shape), "dtype": str(value.dtype)}
-        if isinstance(value, dict):
-            return {k: self._externalize(v, uid, name, counter) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self._externalize(v, uid, name, counter) for v in value]
-        return value
-
-
+                     (uid, ts, kind, body))
 
     # ------------------------------------------------------------------ reads
-
-
-
-
-
-
     def stats(self) -> dict[str, Any]:
         """Path, size on disk, row counts and health."""
         with self._read() as conn:
@@ -456,30 +748,123 @@ class RunStore(StoreHistory):
             "path": str(self.path), "size_bytes": size, "runs": runs,
             "degraded": self.degraded_reason is not None, "degraded_reason": self.degraded_reason,
             "dropped_records": self.dropped_records, "written_records": self.written_records,
+            "last_write_error": self.last_write_error, "repr_values": self.repr_values,
             "queued": self._queue.qsize(), "schema_version": SCHEMA_VERSION,
         }
 
-    # ------------------------------------------------------------------ retention
-
-
-
-
-
     # ------------------------------------------------------------------ closing
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, end the session and close. Idempotent."""
-        if self._closed:
-            return
-        self._queue.put(("session_end", time.time()))
-        self._closed = True
-        self._queue.put(None)
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Write everything queued before this call, end the session, stop the writer, close.
+
+        Idempotent. If the disk has not taken the queued records within ``timeout`` seconds,
+        this returns (logging why) and the writer closes the database when it is done; the
+        file stays locked until then.
+        """
+        with self._put_lock:
+            if self._closed:
+                return
+            self._queue.put(_Record("session_end", time.time(), None, seq=next(self._seq)))
+            self._queue.put(None)  # the writer stops after the records before it
+            self._closed = True
         self._thread.join(timeout)
-        for conn in (self._writer_conn, self._reader):
-            with _suppress_sqlite():
-                conn.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        if self._thread.is_alive():
+            log.error("labd run store %s: %d record(s) still being written after %s s; the "
+                      "writer closes the database when it is done", self.path,
+                      self._queue.qsize(), timeout)
+        with self._read_lock, _suppress_sqlite():
+            self._reader.close()
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _safe_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception as exc:  # a broken __repr__ must not lose the record
+        text = f"<{type(obj).__qualname__} object; repr() failed: {type(exc).__name__}>"
+    if len(text) > _MAX_REPR:
+        text = text[:_MAX_REPR] + f"... ({len(text)} characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _resolve(done: Any, error: BaseException | None, value: bool = True) -> None:
+    """Tell a waiter how its write went: a Future gets the value or the error; others are set."""
+    if done is None:
+        return
+    if isinstance(done, Future):
+        try:
+            if error is None:
+                done.set_result(value)
+            else:
+                done.set_exception(error)
+        except InvalidStateError:  # the waiter cancelled it
+            pass
+    else:
+        done.set()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    with _suppress_sqlite():
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def _undo_savepoint(conn: sqlite3.Connection) -> bool:
+    """Roll back to the record's savepoint; False if that is not possible any more."""
+    try:
+        conn.execute("ROLLBACK TO record")
+        conn.execute("RELEASE record")
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _unlink(paths: list[Path]) -> None:
+    """Delete side files whose rows did not commit: no orphans on the disk."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("labd run store: cannot delete side file %s of a failed write: %s", path, exc)
+
+
+def _fsync_dirs(dirs: set[Path]) -> None:
+    for directory in sorted(dirs):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _lock_holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: it has already closed its files)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): trust kill(0)
+    return state not in (b"Z", b"X")
 
 
 @contextmanager

@@ -1,7 +1,9 @@
 """Reading and pruning the run store: queries, records with side files, retention.
 
 :class:`StoreHistory` is the read side of :class:`labd.store.RunStore`; it uses the store's
-reader connection (guarded by a lock) and never the writer thread's.
+reader connection (guarded by a lock) and never the writer thread's. :class:`HistoryFile`
+is the same read side on a file opened read-only, with no writer and no lock, so a history
+can be read while another process writes it, or after that process died.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from labd.errors import iso_from_timestamp
+from labd.errors import LabDaemonException, iso_from_timestamp
 from labd.io import loads_json
 
-__all__ = ["FILE_KEY", "StoreHistory", "iso"]
+__all__ = ["FILE_KEY", "HistoryFile", "HistoryFileError", "StoreHistory", "iso"]
 
 #: Marks a NumPy array stored in a side file: ``{FILE_KEY: "run-3/result-0.npy", ...}``.
 FILE_KEY = "__labd_npy__"
@@ -197,3 +199,55 @@ class StoreHistory:
             size = conn.execute("PRAGMA page_size").fetchone()[0]
         return int((pages - free) * size)
 
+
+
+class HistoryFileError(LabDaemonException):
+    """A file cannot be read as a run store history (missing, not a run store, unreadable)."""
+
+
+class HistoryFile(StoreHistory):
+    """A run store file opened read-only: list, show and export runs without a server.
+
+    Takes no lock and writes nothing, so it works while a labd process writes the file.
+    Runs that a dead process left active still read as active until a store opens the file
+    for writing (which marks them ``interrupted``).
+
+    Example::
+
+        with HistoryFile("runs.db") as history:
+            history.runs(status="failed")
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self.files_dir = self.path.with_name(self.path.name + ".files")
+        self._read_lock = threading.Lock()
+        if not self.path.is_file():
+            raise HistoryFileError(f"No run store at {str(self.path)!r}; pass the database file "
+                                   "with --db PATH (or set LABD_DB).")
+        try:
+            self._reader = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                           timeout=10.0, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise HistoryFileError(f"Cannot read run store {str(self.path)!r}: {exc}.") from exc
+        try:
+            self._reader.execute("SELECT uid FROM runs LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            self._reader.close()
+            raise HistoryFileError(
+                f"Cannot read {str(self.path)!r} as a labd run store: {exc}.") from exc
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Nothing to flush: this reader never writes."""
+        return True
+
+    def close(self) -> None:
+        """Close the file. Idempotent."""
+        with self._read_lock:
+            self._reader.close()
+
+    def __enter__(self) -> HistoryFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,10 +1,12 @@
 """``labd runs``: the run history — list, show one run, export it, prune old runs.
 
-Listing, showing and exporting ask a running server (``--url``), which reads its run store.
-``labd runs prune`` works on the database file itself (``--db``), so it needs no server; it
-refuses a file that a live labd process has open.
+Listing, showing and exporting ask a running server (``--url``), which reads its run store,
+or, with ``--db FILE``, read the database file itself, read-only: no server needed, and it
+works while a labd process writes the file. ``labd runs prune`` works on the file (``--db``)
+and refuses one that a live labd process has open.
 
     labd runs --status failed --since 7d
+    labd runs --db ~/.local/share/labd/labd.db
     labd runs show sweep1
     labd runs export sweep1 --hdf5 sweep1.h5
     labd runs prune --older-than 90d --max-size 1GB
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,11 +30,12 @@ from labd.cli.errors import DEFAULT_URL, EXIT_USAGE, CliError, reports_errors
 from labd.cli.output import console, print_note
 from labd.cli.remote import TokenOption, UrlOption, items, open_api
 from labd.cli.run_view import print_run, runs_table
-from labd.cli.stores import DbOption, disk_bytes, in_use_error, resolve_db, store_in_use
+from labd.cli.stores import DbOption, disk_bytes, in_use_error, resolve_db
 from labd.cli.units import format_bytes, parse_duration, parse_since, parse_size
 
 if TYPE_CHECKING:
     from labd.store import RunStore
+    from labd.store_history import HistoryFile
 
 __all__ = ["RUN_METADATA_KEYS", "export", "list_runs", "prune", "runs_app", "show"]
 
@@ -42,6 +46,45 @@ RUN_METADATA_KEYS = (
 )
 # HDF5 attributes are limited to 64 KiB; larger metadata values go into /data/run instead.
 _MAX_ATTRIBUTE_BYTES = 60_000
+# Reading a file directly, an export takes every stored event (a server sends its last 1000).
+_ALL_EVENTS = 2**62
+
+#: ``--db`` for reading: no LABD_DB fallback, so ``labd runs`` keeps asking the server unless told.
+ReadDbOption = Annotated[
+    Path | None,
+    typer.Option("--db", help="Read this run store file directly (read-only; no server needed, "
+                 "works while labd runs).", dir_okay=False, show_default=False),
+]
+
+
+@contextmanager
+def _history_file(db: Path) -> Iterator[HistoryFile]:
+    from labd.store_history import HistoryFile, HistoryFileError
+
+    try:
+        history = HistoryFile(db)
+    except HistoryFileError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    try:
+        yield history
+    finally:
+        history.close()
+
+
+def _read_run(task_id: str, db: Path | None, url: str, token: str | None,
+              events: int) -> Mapping[str, Any]:
+    """One run's record, from the file (``--db``) or the server."""
+    if db is not None:
+        with _history_file(db) as history:
+            found = history.get_run(task_id, events_limit=events)
+        if found is None:
+            raise CliError(f"no run {task_id!r} in {str(db)!r}; list them with labd runs --db {db}")
+        return found
+    with open_api(url, token=token) as api:
+        record = api.get_run(task_id)
+    if not isinstance(record, Mapping):
+        raise CliError(f"the server answered something unexpected for run {task_id!r}")
+    return record
 
 runs_app = typer.Typer(
     name="runs",
@@ -74,6 +117,7 @@ def list_runs(
     offset: Annotated[int, typer.Option(help="Skip this many newer runs.", min=0)] = 0,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
+    db: ReadDbOption = None,
 ) -> None:
     """List recorded runs, newest first: status, progress, when, how long, error.
 
@@ -82,16 +126,24 @@ def list_runs(
     if ctx.invoked_subcommand is not None:
         return
     after = parse_since(since) if since is not None else None
-    with open_api(url, token=token) as api:
-        page = api.list_runs(status, task_type, after, limit, offset)
+    if db is not None:
+        with _history_file(db) as history:
+            found = history.runs(status=status, task_type=task_type, since=after,
+                                 limit=limit + 1, offset=offset)
+        page: Any = {"runs": found[:limit],
+                     "next_offset": offset + limit if len(found) > limit else None}
+    else:
+        with open_api(url, token=token) as api:
+            page = api.list_runs(status, task_type, after, limit, offset)
     rows = items(page, "runs")
-    console.print(runs_table(rows, title=f"runs at {url}"))
+    console.print(runs_table(rows, title=f"runs in {db}" if db is not None else f"runs at {url}"))
     if not rows:
         console.print("no runs match" if (status or task_type or since or offset) else
                       "no runs recorded yet", style="dim")
     next_offset = page.get("next_offset") if isinstance(page, Mapping) else None
     if isinstance(next_offset, int):
-        console.print(f"more runs: labd runs --offset {next_offset}", style="dim")
+        where = f" --db {db}" if db is not None else ""
+        console.print(f"more runs: labd runs --offset {next_offset}{where}", style="dim")
 
 
 # ---------------------------------------------------------------------- show
@@ -102,15 +154,13 @@ def show(
     events: Annotated[int, typer.Option(help="How many of its last events to show.", min=0)] = 10,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
+    db: ReadDbOption = None,
 ) -> None:
     """Show one run: summary, parameters, result, error with traceback, last events.
 
     Example: labd runs show sweep1
     """
-    with open_api(url, token=token) as api:
-        record = api.get_run(task_id)
-    if not isinstance(record, Mapping):
-        raise CliError(f"the server answered something unexpected for run {task_id!r}")
+    record = _read_run(task_id, db, url, token, max(events, 1))
     print_run(console, record, events=events)
 
 
@@ -120,11 +170,43 @@ def _refuse_existing(path: Path | None, force: bool) -> None:
         raise CliError(f"{str(path)!r} already exists; pass --force to replace it", EXIT_USAGE)
 
 
+def _free_key(data: Mapping[str, Any], name: str) -> str:
+    """``name``, or ``run_<name>`` if the result already uses it."""
+    return name if name not in data else f"run_{name}"
+
+
+def _kept_events(record: Mapping[str, Any], data: dict[str, Any]) -> None:
+    """Add what the run emitted and reported (its events) to ``data``, beside any result.
+
+    emitted (+ emitted_at): every emitted value, oldest first; progress_history: columns
+    done, total (NaN: none), message, timestamp.
+    """
+    events = [e for e in record.get("events") or [] if isinstance(e, Mapping)]
+    emitted = [e for e in events if e.get("kind") == "data"]
+    if emitted:
+        data[_free_key(data, "emitted")] = [e.get("body") for e in emitted]
+        data[_free_key(data, "emitted_at")] = [str(e.get("timestamp")) for e in emitted]
+    progress = [e["body"] for e in events if e.get("kind") == "progress" and isinstance(e.get("body"), Mapping)]
+    if progress:
+        def column(key: str) -> list[float]:
+            values = [p.get(key) for p in progress]
+            return [float(v) if isinstance(v, int | float) else float("nan") for v in values]
+
+        data[_free_key(data, "progress_history")] = {
+            "done": column("done"), "total": column("total"),
+            "message": [str(p.get("message") or "") for p in progress],
+            "timestamp": [str(e.get("timestamp")) for e in events if e.get("kind") == "progress"
+                          and isinstance(e.get("body"), Mapping)],
+        }
+
+
 def _hdf5_parts(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(data, metadata) for save_hdf5: the result as data, the rest of the record as metadata."""
+    """(data, metadata) for save_hdf5: the result and the kept events as data, the rest of the
+    record (parameters, state, final progress, error) as metadata."""
     result = record.get("result")
     data: dict[str, Any] = dict(result) if isinstance(result, Mapping) else (
         {} if result is None else {"result": result})
+    _kept_events(record, data)
     metadata: dict[str, Any] = {}
     oversized: dict[str, Any] = {}
     for key in RUN_METADATA_KEYS:
@@ -169,19 +251,18 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
+    db: ReadDbOption = None,
 ) -> None:
-    """Export a run's result and record to HDF5 and/or JSON files.
+    """Export a run to HDF5 and/or JSON: its result, emitted data and progress, its record.
 
-    Example: labd runs export sweep1 --hdf5 sweep1.h5
+    A run that ended without a result (interrupted, cancelled, failed) still exports what
+    it emitted and reported. Example: labd runs export sweep1 --hdf5 sweep1.h5
     """
     if hdf5 is None and json_file is None:
         raise CliError("say where to export: --hdf5 FILE and/or --json FILE", EXIT_USAGE)
     _refuse_existing(hdf5, force)
     _refuse_existing(json_file, force)
-    with open_api(url, token=token) as api:
-        record = api.get_run(task_id)
-    if not isinstance(record, Mapping):
-        raise CliError(f"the server answered something unexpected for run {task_id!r}")
+    record = _read_run(task_id, db, url, token, _ALL_EVENTS)
     _save(record, hdf5, json_file, force)
     for path in (hdf5, json_file):
         if path is not None:
@@ -207,16 +288,15 @@ def _count_older(path: Path, cutoff: float) -> int | None:
 
 
 def _open_for_prune(path: Path) -> RunStore:
-    from labd.store import RunStore, StoreError
+    from labd.store import RunStore, StoreError, StoreInUseError
 
     if not path.is_file():
         raise CliError(f"no run store at {str(path)!r}; pass the database with --db PATH "
                        "(or set LABD_DB)", EXIT_USAGE)
-    pid = store_in_use(path)
-    if pid is not None:
-        raise in_use_error(path, pid, "prune")
     try:
         return RunStore(path)
+    except StoreInUseError as exc:
+        raise in_use_error(path, exc.pid, "prune") from None
     except StoreError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 

@@ -7,14 +7,14 @@ directory somewhere unexpected. ``--no-db`` keeps history in memory.
 
 One run store file belongs to one labd process at a time: opening a store marks every run it
 left active as ``interrupted``, which would be wrong for runs another live process is still
-running. So before opening, :func:`store_in_use` looks for a live labd process on this host
-whose session in that file has not ended.
+running. The store's own lock (``<db>.lock``, an flock the OS drops when its holder dies) is
+the one check; :func:`open_run_store` turns its refusal into a one-line error, and a restart
+right after a crash or ``kill -9`` takes the file over. Reading a history needs no lock.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -32,7 +32,6 @@ __all__ = [
     "in_use_error",
     "open_run_store",
     "resolve_db",
-    "store_in_use",
 ]
 
 DbOption = Annotated[
@@ -60,46 +59,12 @@ def resolve_db(db: Path | None) -> tuple[Path, bool]:
     return default_db_path(), "LABD_DB" not in os.environ
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def store_in_use(path: Path) -> int | None:
-    """The pid of another live labd process on this host that has ``path`` open, else None.
-
-    Reads the store's ``sessions`` table read-only; a file that is not (yet) a run store, or
-    cannot be read, counts as not in use (opening it then reports the real problem).
-    """
-    if not path.is_file():
-        return None
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
-    except sqlite3.Error:
-        return None
-    try:
-        rows = conn.execute("SELECT pid, host FROM sessions WHERE stopped_at IS NULL").fetchall()
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
-    host = os.uname().nodename
-    for pid, where in rows:
-        if where == host and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
-            return pid
-    return None
-
-
-def in_use_error(path: Path, pid: int, what: str) -> CliError:
-    """The one-line error for a store another labd process has open."""
+def in_use_error(path: Path, pid: int | None, what: str) -> CliError:
+    """The one-line error for a store another live labd process has open."""
+    who = f"labd process {pid}" if pid is not None else "another labd process"
     return CliError(
-        f"cannot {what}: run store {str(path)!r} is in use by labd process {pid} on this host; "
-        "stop that process first, or use another file with --db (--no-db keeps history in memory)"
+        f"cannot {what}: run store {str(path)!r} is in use by {who} on this host; stop that "
+        "process first, or use another file with --db (--no-db keeps history in memory)"
     )
 
 
@@ -108,14 +73,13 @@ def open_run_store(db: Path | None, max_bytes: int | None = None) -> RunStore:
 
     Raises :class:`CliError`: exit 2 for a bad path, exit 1 if another labd has it open.
     """
-    from labd.store import RunStore, StoreError
+    from labd.store import RunStore, StoreError, StoreInUseError
 
     path, is_default = resolve_db(db)
-    pid = store_in_use(path)
-    if pid is not None:
-        raise in_use_error(path, pid, "record run history")
     try:
         return RunStore(path, create_dirs=is_default, max_bytes=max_bytes)
+    except StoreInUseError as exc:
+        raise in_use_error(path, exc.pid, "record run history") from None
     except StoreError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 
