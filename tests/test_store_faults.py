@@ -198,9 +198,14 @@ def test_a_write_that_fails_is_reported_to_flush_and_in_health(tmp_path: Path) -
         with running_server(daemon) as srv, httpx.Client(base_url=srv.url, timeout=WATCHDOG_S) as http:
             store = daemon.store
             assert store is not None
-            daemon.execute_task("small", "Trivial").wait(timeout=WATCHDOG_S)
+            small = daemon.execute_task("small", "Trivial")
+            small.wait(timeout=WATCHDOG_S)
+            assert small._run.persisted.result(WATCHDOG_S) is True
             assert store.flush(WATCHDOG_S) is True
-            daemon.execute_task("big", "Big").wait(timeout=WATCHDOG_S)  # its side file fails
+            big_run = daemon.execute_task("big", "Big")  # its result's side file fails
+            big_run.wait(timeout=WATCHDOG_S)
+            with pytest.raises(StoreWriteError, match=r"Run 'big' .* was not completely saved .*File exists"):
+                big_run._run.persisted.result(WATCHDOG_S)  # the run's own "persisted" signal
             flushed = store.flush(WATCHDOG_S)
             health = http.get("/health").json()
             big = store.get_run("big")
@@ -260,7 +265,7 @@ def test_a_full_disk_loses_only_the_record_that_does_not_fit_and_says_so(tmp_pat
         flushed = store.flush(WATCHDOG_S)
         stats = store.stats()
         fits, too_big = store.get_run("fits"), store.get_run("too-big")
-        with pytest.raises(StoreWriteError, match="full"):
+        with pytest.raises(StoreWriteError, match=r"Run 'too-big' .* not completely saved .*full"):
             lost_done.result(WATCHDOG_S)
         assert ok_done.result(WATCHDOG_S) is True
         # Space again: the store recovers, and a later flush reports only later records.

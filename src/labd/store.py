@@ -197,6 +197,7 @@ class RunStore(StoreHistory):
         self._file_seq = itertools.count()  # side file names: one per array, never reused
         self._failed_seqs: list[int] = []  # writer thread only
         self._failed_runs: dict[int, str] = {}  # writer thread only
+        self._task_ids: dict[int, str] = {}  # writer thread only: active runs, for messages
         self._flushed_seq = 0  # the last flush the writer answered
         self._read_lock = threading.Lock()
         self._closed = False
@@ -649,11 +650,15 @@ class RunStore(StoreHistory):
                     self._failed_seqs, entry.seq)
                 self._flushed_seq = max(self._flushed_seq, entry.seq)
                 _resolve(entry.done, None, not lost)
-            elif entry.done is not None:
-                earlier = self._failed_runs.pop(entry.uid, None) if entry.uid is not None else None
+            elif entry.op == "created":
+                self._task_ids[entry.uid or 0] = entry.args[0]
+            elif entry.op == "finished":
+                uid = entry.uid or 0
+                earlier, task_id = self._failed_runs.pop(uid, None), self._task_ids.pop(uid, "?")
                 why = failed.get(i) or earlier
                 _resolve(entry.done, None if why is None else StoreWriteError(
-                    f"Run {entry.uid} was not completely saved in {str(self.path)!r}: {why}."))
+                    f"Run {task_id!r} (uid {uid}) was not completely saved in "
+                    f"{str(self.path)!r}: {why}."))
 
     def _apply(self, conn: sqlite3.Connection, entry: _Record, written: list[Path], dirs: set[Path]) -> None:
         for rel, array in entry.files:

@@ -11,6 +11,7 @@ import enum
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from labd.errors import (
@@ -143,7 +144,8 @@ class TaskRun(Owner):
         #: Run-store uid and recorder (set by the daemon when it has a store).
         self.uid = 0
         self.recorder: Any = None
-        self.persisted = threading.Event()
+        #: True once the run store has its records, or StoreWriteError if some could not be written.
+        self.persisted: Future[bool] = Future()
         self.context = TaskContext(daemon, self)
         self._daemon = daemon
         self._on_state = on_state
@@ -318,7 +320,7 @@ class TaskRun(Owner):
                         self.persisted,
                     )
                 else:
-                    self.persisted.set()
+                    self.persisted.set_result(True)
                 self._set_state(state)
                 # Trim the retained-run buffer before waking waiters, so that after wait()
                 # returns, list_tasks()/get_task() already reflect any eviction.
