@@ -11,7 +11,7 @@ cannot hold is stored as its ``repr`` with a logged warning, never dropped. NumP
 larger than ``array_threshold`` bytes are copied when recorded and written by the writer to
 ``.npy`` side files of their own in ``<db>.files/``, loaded back transparently.
 
-Durability (ADR 0010): the writer commits with ``synchronous=FULL``, so a commit, and with it
+Durability (ADR 0011): the writer commits with ``synchronous=FULL``, so a commit, and with it
 a run acknowledged as finished, survives power loss, not only a crash. Side files and their
 directories are fsynced before the row that references them commits, and deleted again
 when that row does not commit. :meth:`RunStore.close` writes everything queued before it
@@ -294,7 +294,7 @@ class RunStore(StoreHistory):
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: each commit is on the disk before it is acknowledged (ADR 0010).
+            # FULL: each commit is on the disk before it is acknowledged (ADR 0011).
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
