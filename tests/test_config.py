@@ -240,7 +240,7 @@ def test_unknown_top_level_key(write: Callable[..., Path]) -> None:
     path = write("[device]\n")
     error = _error(path)
     _assert_one_line(
-        error, path, "device: unknown top-level key", "connect, device_types, devices, tasks"
+        error, path, "device: unknown top-level key", "connect, connect_timeout, device_types"
     )
     assert error.key == "device"
 
@@ -391,6 +391,60 @@ def test_connect_failure_rolls_back(
         "connect = false",
     )
     assert daemon.device_ids() == []
+
+
+HANGING_DRIVER = """
+import threading
+
+GATE = threading.Event()
+
+
+class Hangs:
+    def __init__(self, device_id):
+        self.device_id = device_id
+
+    def connect(self):
+        GATE.wait(30)  # "forever": the test opens the gate when it is done
+"""
+
+
+@pytest.mark.parametrize("value", ['"10"', "0", "-1", "true", "nan"])
+def test_connect_timeout_must_be_a_positive_number(write: Callable[..., Path], value: str) -> None:
+    path = write(f"connect_timeout = {value}\n")
+    _assert_one_line(_error(path), path, "connect_timeout: must be a positive number of seconds")
+
+
+def test_connect_timeout_is_read_and_inf_means_no_limit(write: Callable[..., Path]) -> None:
+    assert load_config(write("connect_timeout = 2\n")).connect_timeout == 2.0
+    assert load_config(write("connect_timeout = inf\n")).connect_timeout == float("inf")
+    assert load_config(write("connect = true\n")).connect_timeout is None  # default: 10 s
+
+
+@pytest.mark.parametrize("where", ["file", "argument"])
+def test_a_connect_past_connect_timeout_leaves_the_device_faulted_and_the_rest_connected(
+    daemon: labd.LabDaemon, drivers: str, write: Callable[..., Path], tmp_path: Path, where: str
+) -> None:
+    hanging = f"cfgmod_hang_{next(_counter)}"  # next to lab.toml: the config finds it there
+    (tmp_path / f"{hanging}.py").write_text(HANGING_DRIVER)
+    path = write(("connect_timeout = 0.2\n" if where == "file" else "") + f'''
+        connect = true
+        [devices.stuck]
+        type = "{hanging}:Hangs"
+        [devices.ok]
+        type = "{drivers}:Laser"
+    ''')
+    config = load_config(path)
+    try:
+        if where == "file":
+            apply_config(daemon, config)
+        else:
+            apply_config(daemon, config, connect_timeout=0.2)
+        stuck = daemon.device_info("stuck")
+        assert stuck["state"] == "faulted"
+        assert "connect() did not finish within 0.2 s" in stuck["last_error"]["message"]
+        assert daemon.device_info("ok")["state"] == "connected"
+    finally:
+        sys.modules[hanging].GATE.set()
 
 
 def test_name_taken_by_another_class(

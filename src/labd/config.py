@@ -6,6 +6,7 @@ Two kinds of file:
 * **TOML**, naming classes by import path (``module:Class`` or ``module.Class``)::
 
       connect = true                       # optional: connect every device after adding it
+      connect_timeout = 10                 # optional: seconds a connect() may take (default 10)
 
       [tasks]
       Sweep = "mylab.tasks:Sweep"
@@ -22,7 +23,12 @@ Two kinds of file:
       type = "Laser"
       params = { type = "CW" }             # parameters whose names clash with type/connect/params
 
-* **Python**, a file with a ``setup(daemon)`` function that registers and adds what it likes.
+* **Python**, a file with a ``setup(daemon)`` function that registers and adds what it likes
+  (it connects devices itself, so it passes ``timeout=`` to ``daemon.connect_device``).
+
+A ``connect()`` that does not return within ``connect_timeout`` seconds (``inf``: no limit)
+leaves its device ``faulted`` with the reason, and the rest of the lab is served: one hung
+instrument never keeps ``labd serve`` from starting.
 
 Module paths are also looked up next to the config file, so a ``mylab/`` package beside
 ``lab.toml`` works without installing it. Every problem is a :class:`ConfigError` whose
@@ -40,6 +46,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import re
 import sys
 import tomllib
@@ -50,15 +57,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labd.errors import LabDaemonException, describe_choices
+from labd.errors import (
+    DeviceTimeoutError,
+    InvalidArgumentError,
+    LabDaemonException,
+    describe_choices,
+)
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
 
-__all__ = ["ConfigError", "DeviceConfig", "LabConfig", "apply_config", "load_config"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "ConfigError",
+    "DeviceConfig",
+    "LabConfig",
+    "apply_config",
+    "load_config",
+]
 
 #: Top-level keys a TOML config may use.
-TOP_LEVEL_KEYS = ("connect", "device_types", "devices", "tasks")
+TOP_LEVEL_KEYS = ("connect", "connect_timeout", "device_types", "devices", "tasks")
+#: Seconds a device's connect() may take when neither the config nor the caller says.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Keys of a ``[devices.<id>]`` table that are not constructor parameters.
 RESERVED_DEVICE_KEYS = ("connect", "params", "type")
 # Same rule as the daemon's ids; checked here so the message can name the config key.
@@ -103,6 +124,8 @@ class LabConfig:
     task_types: Mapping[str, Any] = field(default_factory=dict)
     devices: tuple[DeviceConfig, ...] = ()
     setup: Callable[[Any], object] | None = None
+    #: The file's ``connect_timeout`` in seconds (None: not given; ``inf`` in the file: no limit).
+    connect_timeout: float | None = None
 
 
 # ---------------------------------------------------------------------- loading
@@ -150,13 +173,26 @@ def _load_toml(file: Path) -> LabConfig:
             f"unknown top-level key; valid keys: {', '.join(TOP_LEVEL_KEYS)}",
         )
     default_connect = _bool(file, "connect", data.get("connect", False))
+    connect_timeout = _connect_timeout(file, data.get("connect_timeout"))
     _add_import_root(file)
     tasks = _class_table(file, "tasks", data.get("tasks", {}), task=True)
     device_types = _class_table(file, "device_types", data.get("device_types", {}), task=False)
     devices, more_types = _device_tables(file, data.get("devices", {}), default_connect)
     for name, cls in more_types.items():
         _add_type(file, device_types, name, cls)
-    return LabConfig(path=file, device_types=device_types, task_types=tasks, devices=devices)
+    return LabConfig(path=file, device_types=device_types, task_types=tasks, devices=devices,
+                     connect_timeout=connect_timeout)
+
+
+def _connect_timeout(file: Path, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(
+            file, "connect_timeout",
+            f"must be a positive number of seconds (or inf for no limit), got {value!r}",
+        )
+    return float(value)
 
 
 def _bool(file: Path, key: str, value: object) -> bool:
@@ -400,12 +436,17 @@ def _where(exc: BaseException, file: Path | None = None) -> str:
 
 
 # ---------------------------------------------------------------------- applying
-def apply_config(daemon: LabDaemon, config: LabConfig) -> None:
+def apply_config(
+    daemon: LabDaemon, config: LabConfig, *, connect_timeout: float | None = None
+) -> None:
     """Register the config's classes on ``daemon``, then add (and connect) its devices.
 
     For a Python config, call its ``setup(daemon)``. Types already registered under the same
     name with the same class are kept; a different class under a taken name is an error. If
-    a device fails to add or connect, the devices this call added are removed again.
+    a device fails to add or connect, the devices this call added are removed again, except
+    that a ``connect()`` still running after ``connect_timeout`` seconds (this argument, else
+    the file's, else :data:`DEFAULT_CONNECT_TIMEOUT`; ``inf``: no limit) only leaves its
+    device ``faulted`` with the reason: the rest of the lab still works.
 
     Example::
 
@@ -416,6 +457,7 @@ def apply_config(daemon: LabDaemon, config: LabConfig) -> None:
         _run_setup(daemon, config)
         return
     _register(daemon, config)
+    timeout = _effective_connect_timeout(connect_timeout, config.connect_timeout)
     added: list[str] = []
     try:
         for device in config.devices:
@@ -423,7 +465,7 @@ def apply_config(daemon: LabDaemon, config: LabConfig) -> None:
             added.append(device.device_id)
         for device in config.devices:
             if device.connect:
-                _connect_device(daemon, config.path, device.device_id)
+                _connect_device(daemon, config.path, device.device_id, timeout)
     except BaseException:
         _remove_devices(daemon, added)
         raise
@@ -488,9 +530,26 @@ def _add_device(daemon: LabDaemon, file: Path, device: DeviceConfig) -> None:
         raise ConfigError(file, key, f"adding the device failed: {_one_line(exc)}") from exc
 
 
-def _connect_device(daemon: LabDaemon, file: Path, device_id: str) -> None:
+def _effective_connect_timeout(given: float | None, from_file: float | None) -> float | None:
+    """Seconds for each connect(), or None for no limit (``inf``)."""
+    timeout = given if given is not None else from_file
+    if timeout is None:
+        return DEFAULT_CONNECT_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise InvalidArgumentError(
+            f"connect_timeout must be a positive number of seconds (or inf), got {timeout!r}"
+        )
+    return None if math.isinf(timeout) else float(timeout)
+
+
+def _connect_device(
+    daemon: LabDaemon, file: Path, device_id: str, timeout: float | None
+) -> None:
     try:
-        daemon.connect_device(device_id)
+        daemon.connect_device(device_id, timeout=timeout)
+    except DeviceTimeoutError:
+        # The device is now faulted with the reason (its last error); serve the rest.
+        return
     except Exception as exc:
         raise ConfigError(
             file,

@@ -19,7 +19,7 @@ from labd.cli.serving import (
 )
 from labd.cli.stores import DbOption, NoDbOption, open_run_store
 from labd.cli.units import parse_size
-from labd.config import apply_config, load_config
+from labd.config import DEFAULT_CONNECT_TIMEOUT, LabConfig, apply_config, load_config
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
@@ -70,6 +70,17 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--connect-timeout",
+            help="Seconds each device's connect() may take; a device still connecting after "
+            "that is served as faulted (with the reason) instead of blocking the start. "
+            f"Default: the config's connect_timeout, else {DEFAULT_CONNECT_TIMEOUT:g}.",
+            min=0.001,
+            show_default=False,
+        ),
+    ] = None,
     tokens_file: Annotated[
         Path | None,
         typer.Option(
@@ -114,7 +125,8 @@ def serve(
 
             demo_lab(daemon)
         if lab_config is not None:
-            apply_config(daemon, lab_config)
+            _announce_connects(lab_config, connect_timeout)
+            apply_config(daemon, lab_config, connect_timeout=connect_timeout)
         server = serve_in_background(daemon, host, port, tokens=tokens)
         _print_banner(daemon, str(server.url), host, store, tokens)
         wait_for_interrupt()
@@ -124,6 +136,17 @@ def serve(
         if store is not None:
             store.close()
     console.print("labd stopped" + ("" if clean else " (with the problems above)"))
+
+
+def _announce_connects(config: LabConfig, connect_timeout: float | None) -> None:
+    """Say what may take a while before the server listens: connecting the devices."""
+    to_connect = [device.device_id for device in config.devices if device.connect]
+    if not to_connect:
+        return
+    seconds = connect_timeout or config.connect_timeout or DEFAULT_CONNECT_TIMEOUT
+    limit = "no time limit" if seconds == float("inf") else f"up to {seconds:g} s each"
+    console.print(f"connecting {len(to_connect)} device(s) ({', '.join(to_connect)}; {limit})...",
+                  soft_wrap=True)
 
 
 def _size_cap(text: str | None) -> int | None:
@@ -171,6 +194,12 @@ def _print_banner(
     console.print(f"  history:   {store.path if store is not None else 'in memory (--no-db)'}",
                   soft_wrap=True)
     console.print(f"  auth:      {tokens.describe() if tokens is not None else 'off (no --tokens)'}")
+    for device_id in device_ids:
+        info = daemon.device_info(device_id)
+        if info["state"] == "faulted":
+            error = info["last_error"]
+            reason = error["message"] if error else "see GET /devices/" + device_id
+            print_note(f"device {device_id!r} is faulted: {reason}")
     if store is not None and store.interrupted:
         print_note(f"{store.interrupted} run(s) were active when labd last stopped; they are "
                    "now marked interrupted (see `labd runs --status interrupted`)")

@@ -9,7 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 import labd
-from labd.errors import utc_now_iso
+from labd.devices import DeviceState
+from labd.errors import UnknownNameError, utc_now_iso
 from labd.server.context import ServerContext
 from labd.server.models import Ctx
 from labd.server.routing import RouteSpec, json_response
@@ -44,24 +45,54 @@ async def _store_health(ctx: ServerContext) -> dict[str, Any] | None:
     return {key: stats[key] for key in _STORE_KEYS}
 
 
+def _device_problems(ctx: ServerContext) -> dict[str, str]:
+    """``{device_id: why}`` for each device that is unresponsive, faulted or connecting.
+
+    Reads the devices' slots only (no device code, no device lock), so ``/health`` answers at
+    once even while the device hangs. ``unresponsive`` is the server's flag for a device with
+    a call past its request timeout (see ``ServerContext.run_for_device``).
+    """
+    problems: dict[str, str] = {}
+    for device_id in ctx.daemon.device_ids():
+        try:
+            slot = ctx.daemon._slot(device_id)
+        except UnknownNameError:  # removed while we looked
+            continue
+        reasons = []
+        if slot.unresponsive:
+            reasons.append("unresponsive: a call is still running past its request timeout")
+        if slot.state is DeviceState.FAULTED:
+            error = slot.last_error
+            reasons.append(f"faulted: {error.message}" if error is not None else "faulted")
+        elif slot.state is DeviceState.CONNECTING:
+            reasons.append("connecting: its connect() has not returned yet")
+        if reasons:
+            problems[device_id] = "; ".join(reasons)
+    return problems
+
+
 async def health(ctx: Ctx) -> Response:
     """Liveness: answers at once even while instruments hang (503 once the daemon shut down).
 
-    ``status`` is ``degraded`` (still 200) while the run store cannot write its history.
+    ``status`` is ``degraded`` (still 200) while the run store cannot write its history, or
+    while a device is unresponsive, faulted or still connecting; ``device_problems`` then
+    names each such device and why (``{}`` when all is well).
     """
     daemon = ctx.daemon
     running = sum(1 for handle in daemon.task_handles() if handle.status in ("running", "paused"))
     store = await _store_health(ctx)
+    device_problems = _device_problems(ctx)
     status = "healthy"
     if daemon.closed:
         status = "daemon_closed"
-    elif store is not None and store["degraded"]:
+    elif (store is not None and store["degraded"]) or device_problems:
         status = "degraded"
     body = {
         "status": status,
         "timestamp": utc_now_iso(),
         "uptime_s": round(time.monotonic() - ctx.started_at, 3),
         "devices": len(daemon.device_ids()),
+        "device_problems": device_problems,
         "tasks_running": running,
         "store": store,
     }
