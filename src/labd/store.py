@@ -40,19 +40,21 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import math
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from labd.errors import LabDaemonException
 from labd.io import dumps_json
@@ -146,7 +148,7 @@ class _Record:
     ts: float
     uid: int | None  # the run it belongs to, None for device errors, leases, sessions
     args: tuple[Any, ...] = ()
-    files: list[_SideFile] = field(default_factory=list)
+    files: Sequence[_SideFile] = ()
     done: Any = None  # a Future (or anything with .set()) told when this is written
     seq: int = 0  # queue order, assigned under the put lock
     since: int = 0  # flush only: failures from this seq on are reported to it
@@ -461,6 +463,11 @@ class RunStore(StoreHistory):
 
     def _dumps(self, tree: Any, uid: int | None, name: str) -> tuple[bytes, bool]:
         """JSON bytes; what JSON cannot hold becomes its repr (True: the whole value did)."""
+        if _flat_plain(tree):  # a progress report, a small dict: orjson alone writes the same
+            try:
+                return orjson.dumps(tree), False
+            except orjson.JSONEncodeError:
+                pass
         try:
             return dumps_json(tree), False
         except Exception:
@@ -778,6 +785,25 @@ class RunStore(StoreHistory):
                       self._queue.qsize(), timeout)
         with self._read_lock, _suppress_sqlite():
             self._reader.close()
+
+
+_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def _flat_plain(value: Any) -> bool:
+    """A dict of str keys to str/int/bool/None/finite floats: what dumps_json passes through."""
+    if type(value) is not dict:
+        return False
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        kind = type(item)
+        if kind is float:
+            if not math.isfinite(item):
+                return False
+        elif kind not in _SCALARS:
+            return False
+    return True
 
 
 def _text(value: Any) -> str | None:
