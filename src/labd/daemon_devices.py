@@ -211,17 +211,26 @@ class DeviceOps(DaemonCore):
             slot.state = DeviceState.CONNECTING
         outcome: dict[str, BaseException | None] = {}
         done = threading.Event()
+        abandoned = threading.Event()  # the caller stopped waiting (its timeout ran out)
+        handover = threading.Lock()  # orders "finished" against "abandoned"
         actor = current_actor()
 
         def job() -> None:
-            try:
-                with acting_as(actor):
-                    fn()
-                outcome["error"] = None
-            except BaseException as exc:
-                outcome["error"] = exc
-            finally:
-                done.set()
+            # The device lock is held across the call and any clean-up, so no other caller
+            # can use a device whose late connect() is being undone.
+            with slot.lock.rlock:
+                try:
+                    with acting_as(actor):
+                        fn()
+                    outcome["error"] = None
+                except BaseException as exc:
+                    outcome["error"] = exc
+                finally:
+                    with handover:
+                        late = abandoned.is_set()
+                        done.set()
+                if late and what == "connect":
+                    self._undo_late_connect(slot)
 
         if timeout is None:
             job()
@@ -230,11 +239,23 @@ class DeviceOps(DaemonCore):
                 self._pool.submit(job)
             except RuntimeError:  # the daemon was shut down: its pool no longer takes jobs
                 threading.Thread(target=job, name=f"labd-{what}-{slot.device_id}", daemon=True).start()
-        if not done.wait(timeout):
+        finished = done.wait(timeout)
+        if not finished:
+            with handover:
+                finished = done.is_set()
+                if not finished:
+                    abandoned.set()
+        if not finished:
             slot.state = DeviceState.FAULTED
+            if what == "connect":
+                slot.refusal = f"its connect() did not finish within {timeout:g} s"
             err = DeviceTimeoutError(
                 f"Device {slot.device_id!r}: {what}() did not finish within {timeout:g} s; "
-                "it is marked faulted. Check the instrument and its connection."
+                "it is marked faulted"
+                + ("; its disconnect() will be called when the late connect() returns, and "
+                   "calls are refused until a later connect succeeds"
+                   if what == "connect" else "")
+                + ". Check the instrument and its connection."
             )
             slot.record_error(err, what, origin="framework")
             self._publish_device_state(slot)
@@ -244,6 +265,8 @@ class DeviceOps(DaemonCore):
             return
         error = outcome.get("error")
         if error is None:
+            if what == "connect":
+                slot.refusal = None  # connected again: calls are accepted
             slot.state = success
             self._publish_device_state(slot)
             return
@@ -257,6 +280,22 @@ class DeviceOps(DaemonCore):
             f"Device {slot.device_id!r} ({slot.device_type}): {what}() failed: "
             f"{type(error).__name__}: {error}"
         ) from error
+
+    def _undo_late_connect(self, slot: DeviceSlot) -> None:
+        """A connect() that outlived its timeout returned: disconnect, as LabDaemon does.
+
+        Runs on the connect's worker with the device lock held; the device stays faulted.
+        """
+        disconnect = getattr(slot.instance, "disconnect", None)
+        if callable(disconnect):
+            try:
+                disconnect()
+            except BaseException as exc:  # the device is faulted already; keep the record
+                slot.record_error(exc, "disconnect")
+                log.warning("Device %r: disconnect() after a late connect() failed: %r",
+                            slot.device_id, exc)
+        log.info("Device %r: the late connect() returned and was undone with disconnect()",
+                 slot.device_id)
 
     def _publish_device_state(self, slot: DeviceSlot) -> None:
         self._publish_event({"event": "device_state", "device_id": slot.device_id,

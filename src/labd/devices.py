@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from labd.errors import (
     DeviceBusyError,
+    DeviceNotConnectedError,
     DeviceTimeoutError,
     ErrorRecord,
     InvalidArgumentError,
@@ -168,6 +169,8 @@ class DeviceSlot:
         self.owner_since: float | None = None
         self.last_error: ErrorRecord | None = None
         self.unresponsive = False
+        #: Why calls are refused (a connect() timed out), or None. Set and cleared by the daemon.
+        self.refusal: str | None = None
         self.added_at = time.time()
         self.kinds: dict[str, str] = {}
         self.originals: dict[str, MethodType] = {}
@@ -235,10 +238,21 @@ class DeviceSlot:
             + ". The instrument may be hung; check it, or raise call_timeout."
         )
 
+    def refuse(self, method: str) -> None:
+        """Raise :class:`DeviceNotConnectedError`: calls are refused until a connect succeeds."""
+        raise DeviceNotConnectedError(
+            f"Device {self.device_id!r} cannot run {method!r}: {self.refusal}. "
+            f"Connect it again (daemon.connect_device({self.device_id!r})) once the instrument "
+            "answers."
+        )
+
     def fail(self, exc: BaseException, method: str) -> None:
         """Called by wrappers when the method raised; busy refusals are not device errors."""
-        if not isinstance(exc, DeviceBusyError | DeviceTimeoutError):
-            self.record_error(exc, method)
+        if isinstance(exc, DeviceBusyError | DeviceTimeoutError):
+            return
+        if self.refusal is not None and isinstance(exc, DeviceNotConnectedError):
+            return  # our own refusal: the device's last error stays the reason for it
+        self.record_error(exc, method)
 
 
 # A generated wrapper. Names starting with __ld_ are closure constants; the parameter list and
@@ -255,6 +269,7 @@ def __ld_make(__ld_slot, __ld_func, __ld_inst, __ld_defaults):
         try:
             {acquire}
             try:
+                {refuse}
                 {check}
                 return __ld_func(__ld_inst{call})
             except BaseException as __ld_exc:
@@ -269,6 +284,10 @@ def __ld_make(__ld_slot, __ld_func, __ld_inst, __ld_defaults):
 """
 
 _CHECK = "if __ld_slot.owner is not None: __ld_check({name!r})"
+# Every method except the lifecycle ones is refused while the slot says why (a connect that
+# timed out): connect() must stay callable to recover, disconnect() to clean up.
+_REFUSE = "if __ld_slot.refusal is not None: __ld_slot.refuse({name!r})"
+_NEVER_REFUSED = frozenset({"connect", "disconnect", "is_streaming", "stop_streaming"})
 # A plain blocking acquire() would save ~25 ns of argument parsing, but measured on a loaded
 # 2-core machine a plain RLock gave one of four hammering threads 1 call in 400; the fair slow
 # path needs the non-blocking attempt (see ADR 0002). The attempt comes before the FIFO check
@@ -330,6 +349,7 @@ def _make_wrapper(slot: DeviceSlot, name: str, bound: MethodType, kind: str) -> 
         params=params,
         call=call,
         check=_CHECK.format(name=name) if kind == COMMAND else "pass",
+        refuse="pass" if name in _NEVER_REFUSED else _REFUSE.format(name=name),
         acquire=_ACQUIRE.format(name=name),
     )
     namespace: dict[str, Any] = {}
