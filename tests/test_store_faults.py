@@ -287,6 +287,29 @@ def test_a_full_disk_loses_only_the_record_that_does_not_fit_and_says_so(tmp_pat
     assert recovered["degraded"] is False and recovered["last_write_error"] == stats["degraded_reason"]
 
 
+def test_a_full_disk_keeps_every_record_that_fits_among_many_runs(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    store = RunStore(db, max_emit_bytes=16 * 1024 * 1024)
+    try:
+        with held_writer(store):  # one batch: 20 runs, every other one emits too much
+            fill_the_disk(store, spare_pages=60)
+            uids = [created(store, f"r{i}") for i in range(20)]
+            for i, uid in enumerate(uids):
+                store.run_data(uid, {"i": i, "log": "x" * (2_000_000 if i % 2 else 10)})
+                store.run_finished(uid, "completed", {"i": i}, None, time.time())
+        assert store.flush(WATCHDOG_S) is False
+        records = {r["task_id"]: store.get_run(r["task_id"]) for r in store.runs(limit=100)}
+        dropped = store.dropped_records
+    finally:
+        store.close()
+    assert sorted(records) == sorted(f"r{i}" for i in range(20))
+    for i in range(20):
+        record = records[f"r{i}"]
+        assert record is not None and record["status"] == "completed" and record["result"] == {"i": i}
+        assert [d["i"] for d in data_events(record)] == ([] if i % 2 else [i]), i
+    assert dropped == 10
+
+
 # ---------------------------------------------------------------------- item 17
 def test_commits_survive_power_loss(tmp_path: Path) -> None:
     store = RunStore(tmp_path / "runs.db")

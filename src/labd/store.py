@@ -78,6 +78,7 @@ _MAX_REPR = 64 * 1024  # a repr stored in place of an unencodable value is cut t
 # A lock whose holder is dead (or a zombie) is released by the kernel as the process exits;
 # wait this long for that before calling the file busy.
 _DEAD_HOLDER_WAIT_S = 5.0
+_PF_EXITING = 0x4  # Linux task flag in /proc/<pid>/stat: the process is being torn down
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -577,39 +578,44 @@ class RunStore(StoreHistory):
             raise
 
     def _one_by_one(self, records: list[_Record]) -> dict[int, str]:
-        """One transaction with a savepoint per record; returns {position: reason} of failures."""
+        """Savepoint per record; returns {position: reason} of the records that failed."""
         failed: dict[int, str] = {}
-        # A disk error may make SQLite drop the whole transaction; then start over without
-        # the record that caused it. Each pass fails at least one more record, so this ends.
-        while not self._savepoint_pass(records, failed):
-            pass
+        start = 0
+        while start < len(records):
+            start = self._savepoint_pass(records, failed, start)
         return failed
 
-    def _savepoint_pass(self, records: list[_Record], failed: dict[int, str]) -> bool:
+    def _savepoint_pass(self, records: list[_Record], failed: dict[int, str], start: int) -> int:
+        """Write ``records[start:]`` in one transaction, each record in a savepoint.
+
+        A record that fails is rolled back alone. But on some errors (a full disk among
+        them) SQLite drops the whole transaction: then the records before the culprit are
+        written again in a transaction of their own, and the next pass starts after it, so
+        each record is tried at most twice. Returns where the next pass starts.
+        """
         conn = self._writer_conn
         kept: list[Path] = []
         dirs: set[Path] = set()
         try:
             conn.execute("BEGIN")
         except Exception as exc:
-            failed.update((i, _reason(exc)) for i in range(len(records)) if i not in failed)
-            return True
-        for i, entry in enumerate(records):
-            if i in failed:
-                continue
+            failed.update((i, _reason(exc)) for i in range(start, len(records)) if i not in failed)
+            return len(records)
+        for i in range(start, len(records)):
             mine: list[Path] = []
             try:
                 conn.execute("SAVEPOINT record")
-                self._apply(conn, entry, mine, dirs)
+                self._apply(conn, records[i], mine, dirs)
                 conn.execute("RELEASE record")
             except Exception as exc:
                 failed[i] = _reason(exc)
                 _unlink(mine)
-                if not (conn.in_transaction and _undo_savepoint(conn)):
-                    _rollback(conn)
-                    _unlink(kept)
-                    return False
-                continue
+                if conn.in_transaction and _undo_savepoint(conn):
+                    continue
+                _rollback(conn)
+                _unlink(kept)
+                self._rewrite(records, failed, range(start, i))
+                return i + 1
             kept += mine
         try:
             _fsync_dirs(dirs)
@@ -617,8 +623,17 @@ class RunStore(StoreHistory):
         except Exception as exc:
             _rollback(conn)
             _unlink(kept)
-            failed.update((i, _reason(exc)) for i in range(len(records)) if i not in failed)
-        return True
+            failed.update((i, _reason(exc)) for i in range(start, len(records)) if i not in failed)
+        return len(records)
+
+    def _rewrite(self, records: list[_Record], failed: dict[int, str], positions: range) -> None:
+        """Write again, in one transaction, records that fitted before SQLite dropped them."""
+        todo = [i for i in positions if i not in failed]
+        if todo:
+            try:
+                self._transaction([records[i] for i in todo])
+            except Exception as exc:
+                failed.update((i, _reason(exc)) for i in todo)
 
     def _fail_all(self, batch: list[_Record], reason: str) -> None:
         try:
@@ -883,7 +898,7 @@ def _lock_holder(fd: int) -> int | None:
 
 
 def _process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not: it has already closed its files)."""
+    """Whether ``pid`` runs (a zombie or an exiting process does not: it lets go of its files)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -892,10 +907,11 @@ def _process_alive(pid: int) -> bool:
         return True
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[-1].split()[0]
-    except (OSError, IndexError):
+            fields = fh.read().rsplit(b")", 1)[-1].split()
+        state, flags = fields[0], int(fields[6])
+    except (OSError, IndexError, ValueError):
         return True  # no /proc (macOS): trust kill(0)
-    return state not in (b"Z", b"X")
+    return state not in (b"Z", b"X") and not flags & _PF_EXITING
 
 
 @contextmanager
