@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -314,7 +315,7 @@ def test_store_writes_never_run_on_the_task_thread(tmp_path: Path) -> None:
         entered = threading.Event()
         original = store._write_batch
 
-        def stalled(batch: list[tuple[object, ...]]) -> None:
+        def stalled(batch: list[Any]) -> None:
             entered.set()
             hold.wait(30)
             original(batch)
