@@ -13,15 +13,12 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from labd.devices import DeviceSlot
 from labd.errors import DeviceError, DeviceOperationError, ErrorRecord, InvalidArgumentError
 from labd.ownership import FRAMEWORK, acting_as, current_actor
 from labd.streaming import StreamHub, Subscription
-
-if TYPE_CHECKING:
-    from labd.daemon import LabDaemon
 
 __all__ = ["DeviceStreams"]
 
@@ -37,15 +34,35 @@ class _StreamState:
 
 
 class DeviceStreams:
-    """The daemon's device-stream table."""
+    """The device table's stream part: one hub per streaming device.
 
-    def __init__(self, daemon: LabDaemon) -> None:
-        self._daemon = daemon
+    It knows the rest of the daemon only through three callables: ``publish_event`` (the
+    daemon's event stream), ``submit`` (run a job on a worker thread) and
+    ``on_callback_error`` (a subscriber's callback raised).
+    """
+
+    def __init__(
+        self,
+        *,
+        publish_event: Callable[[dict[str, Any]], None],
+        submit: Callable[[Callable[[], None]], None],
+        on_callback_error: Callable[[ErrorRecord], None],
+    ) -> None:
+        self._publish_event = publish_event
+        self._submit = submit
+        self._on_callback_error = on_callback_error
         self._states: dict[str, _StreamState] = {}
+        self._slots: dict[str, DeviceSlot] = {}
 
     def add(self, slot: DeviceSlot) -> None:
         """Start bookkeeping for a new device."""
         self._states[slot.device_id] = _StreamState()
+        self._slots[slot.device_id] = slot
+
+    def forget(self, slot: DeviceSlot) -> None:
+        """Drop bookkeeping for a removed device (its stream is stopped already)."""
+        self._states.pop(slot.device_id, None)
+        self._slots.pop(slot.device_id, None)
 
     def _state(self, slot: DeviceSlot) -> _StreamState:
         return self._states.setdefault(slot.device_id, _StreamState())
@@ -132,7 +149,7 @@ class DeviceStreams:
                 raise
             state.hub = hub
             state.pinned = pinned
-        self._daemon._publish_event({"event": "stream_started", "device_id": slot.device_id})
+        self._publish_event({"event": "stream_started", "device_id": slot.device_id})
         return sub
 
     def stop(
@@ -165,7 +182,7 @@ class DeviceStreams:
 
     def _end_hub(self, slot: DeviceSlot, hub: StreamHub, timeout: float | None) -> list[Subscription]:
         stuck = hub.close(timeout=timeout)
-        self._daemon._publish_event({"event": "stream_stopped", "device_id": slot.device_id})
+        self._publish_event({"event": "stream_stopped", "device_id": slot.device_id})
         return stuck
 
     def _stop_device(self, slot: DeviceSlot, timeout: float | None) -> None:
@@ -197,7 +214,7 @@ class DeviceStreams:
                 pass  # recorded as the device's error by stop()
 
         try:
-            self._daemon._pool.submit(stop_if_still_unused)
+            self._submit(stop_if_still_unused)
         except RuntimeError:  # pool closed: the daemon is shutting down and stops streams itself
             pass
 
@@ -205,17 +222,16 @@ class DeviceStreams:
         record = ErrorRecord.from_exception(
             exc, "callback", {"device_id": slot.device_id, "subscription": sub.name}
         )
-        self._daemon._publish_event({"event": "callback_error", "device_id": slot.device_id,
-                                     "error": record.to_dict(include_traceback=False)})
-        for listener in list(self._daemon._error_listeners):
-            listener(record)
+        self._publish_event({"event": "callback_error", "device_id": slot.device_id,
+                             "error": record.to_dict(include_traceback=False)})
+        self._on_callback_error(record)
 
     def active(self) -> list[DeviceSlot]:
         """Slots whose stream the daemon runs."""
         slots = []
         for device_id, state in list(self._states.items()):
             if state.hub is not None:
-                slot = self._daemon._slots.get(device_id)
+                slot = self._slots.get(device_id)
                 if slot is not None:
                     slots.append(slot)
         return slots

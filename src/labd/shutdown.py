@@ -1,8 +1,11 @@
-"""Bounded, ordered shutdown of a daemon, and the report of what did not stop.
+"""Bounded, ordered shutdown of the daemon's parts, and the report of what did not stop.
 
-Order: cancel runs (pending ones never start), stop streams, wait for runs, disconnect
-devices in reverse order of adding. Tasks share one ``timeout`` budget, devices another, so
-the total never grows with the number of devices or tasks (LabDaemon 1.0 gave each its own).
+Order: the task runner stops taking runs and cancels the ones it has (pending ones never
+start, children with their parents), device streams stop, runs are awaited, devices are
+disconnected in reverse order of adding. Tasks share one ``timeout`` budget, devices another,
+so the total never grows with the number of devices or tasks (LabDaemon 1.0 gave each its own).
+The facade (:class:`labd.LabDaemon`) then closes the timer, the event stream, the worker pool
+and the store, in that order.
 """
 
 from __future__ import annotations
@@ -12,15 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from labd.device_table import DeviceTable
 from labd.devices import DeviceState
 from labd.ownership import FRAMEWORK, acting_as
+from labd.task_runner import TaskRunner
 
-if TYPE_CHECKING:
-    from labd.daemon import LabDaemon
-
-__all__ = ["ShutdownReport", "run_shutdown"]
+__all__ = ["ShutdownReport", "stop_runs_and_devices"]
 
 log = logging.getLogger("labd")
 
@@ -59,7 +60,8 @@ class ShutdownReport:
 
 
 def _start(
-    daemon: LabDaemon, fn: Callable[[], object], report: ShutdownReport, label: str
+    submit: Callable[[Callable[[], None]], None], fn: Callable[[], object],
+    report: ShutdownReport, label: str,
 ) -> threading.Event:
     done = threading.Event()
 
@@ -72,62 +74,45 @@ def _start(
         finally:
             done.set()
 
-    daemon._pool.submit(job)
+    submit(job)
     return done
 
 
-def _close_task_streams(daemon: LabDaemon, timeout: float) -> None:
-    """End every run's stream: a subscriber that never called close() must not keep a thread."""
-    deadline = time.monotonic() + timeout
-    for run in list(daemon._runs.values()):
-        hub = run._hub
-        if hub is not None:
-            hub.close(timeout=max(deadline - time.monotonic(), 0.0))
-
-
-def run_shutdown(daemon: LabDaemon, timeout: float) -> ShutdownReport:
-    """Shut ``daemon`` down within about ``2 * timeout`` seconds and report what did not stop."""
+def stop_runs_and_devices(
+    runner: TaskRunner, devices: DeviceTable, submit: Callable[[Callable[[], None]], None],
+    timeout: float,
+) -> ShutdownReport:
+    """Stop every run and stream and disconnect every device within about ``2 * timeout`` s."""
     started = time.monotonic()
     report = ShutdownReport()
-    # The daemon is closed (under its lock) before this runs, so no run can register after
-    # this snapshot: execute_task checks `closed` under the same lock.
-    with daemon._lock:
-        runs = list(daemon._runs.values())
+    runs = runner.close()  # no run can register after this
     for run in runs:
         run.request_cancel()
 
     deadline = time.monotonic() + timeout
     stream_jobs = {
         slot.device_id: _start(
-            daemon, lambda s=slot: daemon._streams.stop(s, timeout),  # type: ignore[misc]
+            submit, lambda s=slot: devices.streams.stop(s, timeout),  # type: ignore[misc]
             report, f"stopping the stream of {slot.device_id!r}",
         )
-        for slot in daemon._streams.active()
+        for slot in devices.streams.active()
     }
-    for run in runs:
-        if not run.done_event.wait(max(deadline - time.monotonic(), 0.0)):
-            report.tasks_not_stopped.append(run.task_id)
+    report.tasks_not_stopped.extend(runner.wait_for(runs, deadline))
     for device_id, done in stream_jobs.items():
         if not done.wait(max(deadline - time.monotonic(), 0.0)):
             report.streams_not_stopped.append(device_id)
 
     device_deadline = time.monotonic() + timeout
-    for slot in reversed(list(daemon._slots.values())):
+    for slot in reversed(devices.slots()):
         if slot.state in (DeviceState.ADDED, DeviceState.DISCONNECTED):
             continue
         done = _start(
-            daemon, lambda s=slot: daemon.disconnect_device(s.device_id),  # type: ignore[misc]
+            submit, lambda s=slot: devices.disconnect_device(s.device_id),  # type: ignore[misc]
             report, f"disconnecting {slot.device_id!r}",
         )
         if not done.wait(max(device_deadline - time.monotonic(), GRACE)):
             report.devices_not_disconnected.append(slot.device_id)
             slot.state = DeviceState.FAULTED
-
-    daemon._timer.close()
-    daemon.events.close(timeout=0.2)
-    _close_task_streams(daemon, timeout=0.2)
-    busy = daemon._pool.close(timeout=0.05)
-    daemon._close_store()
-    del busy  # hung jobs are already named by task id or device id above
+    runner.close_streams(timeout=0.2)
     report.seconds = time.monotonic() - started
     return report

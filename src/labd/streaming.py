@@ -293,6 +293,11 @@ class StreamHub:
                 sub._offer(item)
         return seq
 
+    @property
+    def keeps_history(self) -> bool:
+        """True when published items are kept for replay (``history`` > 0)."""
+        return self._history is not None
+
     def replay(self, after: int) -> list[StreamItem]:
         """Items still in the history buffer with a sequence greater than ``after``."""
         if self._history is None:

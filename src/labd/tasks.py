@@ -10,9 +10,9 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from labd.errors import (
     ErrorRecord,
@@ -24,10 +24,7 @@ from labd.errors import (
 from labd.ownership import Actor, Owner, PendingClaim, acting_as
 from labd.streaming import StreamHub
 
-if TYPE_CHECKING:
-    from labd.daemon import LabDaemon
-
-__all__ = ["TaskContext", "TaskHandle", "TaskRun", "TaskState"]
+__all__ = ["RunHost", "TaskContext", "TaskHandle", "TaskRun", "TaskState"]
 
 
 class TaskState(enum.Enum):
@@ -59,7 +56,7 @@ class TaskContext:
     and :meth:`sleep` are labd additions.
     """
 
-    def __init__(self, daemon: LabDaemon, run: TaskRun) -> None:
+    def __init__(self, daemon: Any, run: TaskRun) -> None:
         self.daemon = daemon
         self.task_id = run.task_id
         self.cancel_event = run.cancel_event
@@ -102,14 +99,38 @@ class TaskContext:
         return self._run.cancel_event.is_set()
 
 
+class RunHost(Protocol):
+    """What a run needs from the part that runs it (:class:`labd.task_runner.TaskRunner`)."""
+
+    def drain_devices(self, device_ids: Sequence[str]) -> None:
+        """Wait until calls already inside these devices have returned."""
+
+    def release(self, run: TaskRun) -> None:
+        """Give back every device ``run`` claimed."""
+
+    def state_changed(self, run: TaskRun) -> None:
+        """``run.state`` changed (publish it)."""
+
+    def run_finished(self, run: TaskRun) -> None:
+        """``run`` ended: retention bookkeeping, before its waiters wake."""
+
+    def cancel_pending(self, claim: PendingClaim) -> bool:
+        """Take a queued claim out of the FIFO; False if it was granted or failed meanwhile."""
+
+
 class TaskRun(Owner):
-    """One execution of a task class; also the owner of the devices it claimed."""
+    """One execution of a task class; also the owner of the devices it claimed.
+
+    ``daemon`` is what the task sees as ``context.daemon`` (the :class:`labd.LabDaemon`);
+    the run touches the rest of labd only through its ``host``.
+    """
 
     kind = "task"
 
     def __init__(
         self,
-        daemon: LabDaemon,
+        daemon: Any,
+        host: RunHost,
         task_id: str,
         task_type: str,
         instance: Any,
@@ -117,7 +138,6 @@ class TaskRun(Owner):
         device_ids: tuple[str, ...],
         parent: Owner | None,
         principal: str | None,
-        on_state: Callable[[TaskRun], None],
     ) -> None:
         self.owner_id = task_id
         self.task_id = task_id
@@ -147,8 +167,7 @@ class TaskRun(Owner):
         #: True once the run store has its records, or StoreWriteError if some could not be written.
         self.persisted: Future[bool] = Future()
         self.context = TaskContext(daemon, self)
-        self._daemon = daemon
-        self._on_state = on_state
+        self._host = host
         self._hub: StreamHub | None = None
         self._hub_lock = threading.Lock()
         #: Guards the state, the pause gate and the children: each changes with its signal.
@@ -167,6 +186,12 @@ class TaskRun(Owner):
                     self._hub = StreamHub(f"task-{self.task_id}", history=256)
                 hub = self._hub
         return hub
+
+    def close_stream(self, timeout: float) -> None:
+        """End the run's stream and its subscriptions (at shutdown)."""
+        hub = self._hub
+        if hub is not None:
+            hub.close(timeout=timeout)
 
     def publish(self, kind: str, body: dict[str, Any]) -> None:
         """Put one event on the run's stream (only if anyone ever looked at it)."""
@@ -189,7 +214,7 @@ class TaskRun(Owner):
         self.publish("state", {"status": state.value})
         if self.recorder is not None and not state.finished:
             self.recorder.run_state(self.uid, state.value, self.started_at)
-        self._on_state(self)
+        self._host.state_changed(self)
 
     # -- control (any thread) --------------------------------------------------------------
     # The state and the pause gate change together under _finish_lock, so no interleaving of
@@ -252,7 +277,7 @@ class TaskRun(Owner):
         try:
             # Let any command that a non-owner started before our claim finish first, so no
             # foreign command ever runs alongside this run's use of its devices.
-            self._daemon._drain_devices(self.device_ids)
+            self._host.drain_devices(self.device_ids)
             with acting_as(Actor(run=self, principal=self.principal)):
                 result = self.instance.run(self.context)
         except TaskCancelledError as exc:
@@ -311,7 +336,7 @@ class TaskRun(Owner):
                 )
             try:
                 # Devices are free before anyone waiting on the handle hears that the run ended.
-                self._daemon._release_run(self)
+                self._host.release(self)
                 self.finished_at = time.time()
                 if self.recorder is not None:
                     self.recorder.run_finished(
@@ -324,7 +349,7 @@ class TaskRun(Owner):
                 self._set_state(state)
                 # Trim the retained-run buffer before waking waiters, so that after wait()
                 # returns, list_tasks()/get_task() already reflect any eviction.
-                self._daemon._run_finished(self)
+                self._host.run_finished(self)
             finally:
                 # Whatever failed above, the run has ended and its waiters must hear it.
                 self.state = state
@@ -336,7 +361,7 @@ class TaskRun(Owner):
     def cancel_pending(self) -> bool:
         """Cancel a run still waiting for devices; True if it was pending."""
         claim = self.pending_claim
-        if claim is None or not self._daemon._claims.cancel_pending(claim):
+        if claim is None or not self._host.cancel_pending(claim):
             return False
         self._finish(TaskState.CANCELLED, None, None)
         return True

@@ -89,12 +89,12 @@ class ServerContext:
             else:
                 self._late.pop(device_id, None)
             with contextlib.suppress(UnknownNameError):
-                self.daemon._slot(device_id).unresponsive = count > 0
+                self.daemon.device_slot(device_id).unresponsive = count > 0
 
     def known_method(self, device_id: str, method: Any) -> tuple[str, str]:
         """Metric labels for a call: real names, or ``(unknown)`` so bad input cannot add series."""
         try:
-            slot = self.daemon._slot(device_id)
+            slot = self.daemon.device_slot(device_id)
         except (UnknownNameError, TypeError):
             return "(unknown)", "(unknown)"
         return device_id, method if isinstance(method, str) and method in slot.originals else "(unknown)"

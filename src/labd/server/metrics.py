@@ -56,7 +56,7 @@ class _DaemonCollector:
         for device_id in daemon.device_ids():
             try:
                 hub = daemon.stream_hub(device_id)
-                slot = daemon._slot(device_id)
+                slot = daemon.device_slot(device_id)
             except UnknownNameError:  # removed while we scrape
                 continue
             unresponsive.add_metric([device_id], 1.0 if slot.unresponsive else 0.0)

@@ -55,7 +55,7 @@ def _device_problems(ctx: ServerContext) -> dict[str, str]:
     problems: dict[str, str] = {}
     for device_id in ctx.daemon.device_ids():
         try:
-            slot = ctx.daemon._slot(device_id)
+            slot = ctx.daemon.device_slot(device_id)
         except UnknownNameError:  # removed while we looked
             continue
         reasons = []

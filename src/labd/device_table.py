@@ -1,14 +1,26 @@
-"""The device half of :class:`labd.LabDaemon`: add, connect, call, stream, errors."""
+"""The device table: one part of :class:`labd.LabDaemon` (DESIGN.md section 5).
+
+It holds every device's :class:`~labd.devices.DeviceSlot` (the instance with its locking
+wrappers, state and last error), runs ``connect()``/``disconnect()`` with their timeouts,
+calls methods by name for remote callers, and owns the device streams. It asks the ownership
+registry who owns a device, and reaches the rest of the daemon only through the callables it
+is given: ``publish_event``, ``submit`` (a worker thread) and ``on_device_error``.
+
+    table = DeviceTable(claims=claims, publish_event=events.publish, submit=pool.submit, ...)
+    laser = table.add_device("laser1", "MyLaser", MyLaser, {"port": "GPIB0::1"})
+"""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from labd.daemon_core import DaemonCore, check_id, log
+from labd.device_streams import DeviceStreams
 from labd.devices import DeviceSlot, DeviceState, rewrap_device, wrap_device
 from labd.errors import (
     DeviceConnectionError,
@@ -17,26 +29,112 @@ from labd.errors import (
     DeviceTimeoutError,
     ErrorRecord,
     InvalidArgumentError,
+    UnknownDeviceError,
+    describe_choices,
     iso_from_timestamp,
 )
-from labd.ownership import (
-    Actor,
-    acting_as,
-    current_actor,
-)
+from labd.ownership import Actor, ClaimRegistry, acting_as, current_actor
 from labd.streaming import StreamHub, Subscription
 
-__all__ = ["DeviceOps"]
+__all__ = ["ID_PATTERN", "DeviceTable", "check_id"]
+
+log = logging.getLogger("labd")
+
+#: Ids of devices and tasks: letters, digits and ``_ - . :``, 1 to 128 characters.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-.:]{1,128}$")
+
+Job = Callable[[], None]
 
 
-class DeviceOps(DaemonCore):
-    """Device methods of :class:`labd.LabDaemon` (LabDaemon 1.0 names plus labd's)."""
+def check_id(value: object, what: str) -> str:
+    """Return ``value`` if it is a valid id, else raise :class:`InvalidArgumentError`."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise InvalidArgumentError(
+            f"Invalid {what} {value!r}: use 1 to 128 letters, digits or the characters _ - . :"
+        )
+    return value
 
-    def add_device(self, device_id: str, device_type: str, **params: Any) -> Any:
-        """Construct ``device_type(device_id, **params)`` and return it, with locked methods."""
-        self._check_open()
+
+class DeviceTable:
+    """Device slots, their lifecycle and calls, and their streams."""
+
+    def __init__(
+        self,
+        *,
+        claims: ClaimRegistry,
+        publish_event: Callable[[dict[str, Any]], None],
+        submit: Callable[[Job], None],
+        on_device_error: Callable[[ErrorRecord], None],
+        on_callback_error: Callable[[ErrorRecord], None],
+        strict: bool,
+        call_timeout: float | None,
+        stream_maxsize: int,
+    ) -> None:
+        self._claims = claims
+        self._publish_event = publish_event
+        self._submit = submit
+        self._on_device_error = on_device_error
+        self.strict = strict
+        self.call_timeout = call_timeout
+        self.stream_maxsize = stream_maxsize
+        self._lock = threading.RLock()
+        self._slots: dict[str, DeviceSlot] = {}
+        self.streams = DeviceStreams(
+            publish_event=publish_event, submit=submit, on_callback_error=on_callback_error
+        )
+
+    # -- lookup -------------------------------------------------------------------------------
+    def slot(self, device: Any) -> DeviceSlot:
+        """The slot of a device given by id or by instance; :class:`UnknownDeviceError` if none."""
+        device_id: object = device
+        if not isinstance(device, str):
+            device_id = getattr(device, "device_id", None)
+            if not isinstance(device_id, str):
+                for slot in list(self._slots.values()):
+                    if slot.instance is device:
+                        return slot
+                raise TypeError(
+                    "Pass a device id (str) or a device instance returned by add_device(), "
+                    f"not {type(device).__name__}."
+                )
+        found = self._slots.get(device_id) if isinstance(device_id, str) else None
+        if found is None:
+            raise UnknownDeviceError(
+                f"No device with id {device_id!r}. Devices: {describe_choices(self._slots)}."
+            )
+        return found
+
+    def slots(self) -> list[DeviceSlot]:
+        """Every slot, in the order devices were added."""
+        with self._lock:
+            return list(self._slots.values())
+
+    def ids(self) -> list[str]:
+        """Ids of all devices, in the order they were added."""
+        return list(self._slots)
+
+    def unknown(self, device_ids: Sequence[object]) -> list[object]:
+        """The entries of ``device_ids`` that name no device."""
+        return [d for d in device_ids if not isinstance(d, str) or d not in self._slots]
+
+    def drain(self, device_ids: Sequence[str]) -> None:
+        """Wait until calls already inside these devices have returned (through the fair lock)."""
+        for device_id in device_ids:
+            slot = self._slots.get(device_id)
+            if slot is None:
+                continue
+            lock = slot.lock
+            got = False
+            try:
+                got = lock.rlock.acquire(False) or lock.acquire_slow(slot.call_timeout)
+            finally:
+                if got:
+                    lock.rlock.release()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def add_device(self, device_id: str, device_type: str, cls: Any, params: dict[str, Any]) -> Any:
+        """Construct ``cls(device_id, **params)``, wrap its methods, and add it to the table."""
         check_id(device_id, "device id")
-        cls = self.device_class(device_type)
         with self._lock:
             if device_id in self._slots:
                 raise InvalidArgumentError(
@@ -46,7 +144,7 @@ class DeviceOps(DaemonCore):
         instance = self._construct_device(cls, device_id, device_type, params)
         timeout = getattr(instance, "labd_call_timeout", None) or self.call_timeout
         slot = DeviceSlot(
-            device_id, device_type, instance, params, strict=self.strict_ownership,
+            device_id, device_type, instance, params, strict=self.strict,
             call_timeout=timeout, on_error=self._device_error,
         )
         wrap_device(slot)
@@ -54,7 +152,7 @@ class DeviceOps(DaemonCore):
             if device_id in self._slots:
                 raise InvalidArgumentError(f"A device with id {device_id!r} already exists.")
             self._slots[device_id] = slot
-        self._streams.add(slot)
+        self.streams.add(slot)
         if not callable(getattr(instance, "connect", None)):
             slot.state = DeviceState.CONNECTED
         self._publish_event({"event": "device_added", "device_id": device_id,
@@ -89,20 +187,21 @@ class DeviceOps(DaemonCore):
 
     def remove_device(self, device_id: str, timeout: float | None = 2.0) -> None:
         """Stop streaming, disconnect and forget a device that no one owns."""
-        slot = self._slot(device_id)
+        slot = self.slot(device_id)
         owner = self._claims.owner_of(device_id)
         if owner is not None:
-            self._streams.raise_if_not_permitted(slot)
-        self._streams.stop(slot, timeout=timeout or 1.0)
+            self.streams.raise_if_not_permitted(slot)
+        self.streams.stop(slot, timeout=timeout or 1.0)
         self.disconnect_device(device_id, timeout=timeout)
         with self._lock:
             self._slots.pop(device_id, None)
+        self.streams.forget(slot)
         self._claims.forget_device(device_id)
         self._publish_event({"event": "device_removed", "device_id": device_id})
 
     def get_device(self, device_id: str) -> Any:
         """The device instance (its public methods are locked and ownership-checked)."""
-        return self._slot(device_id).instance
+        return self.slot(device_id).instance
 
     def device_ids(self) -> list[str]:
         """Ids of all devices, in the order they were added."""
@@ -110,7 +209,7 @@ class DeviceOps(DaemonCore):
 
     def device_info(self, device_id: str) -> dict[str, Any]:
         """JSON-ready state of one device (the shape of ``GET /devices/{id}``)."""
-        slot = self._slot(device_id)
+        slot = self.slot(device_id)
         owner = self._claims.owner_of(device_id)
 
         return {
@@ -118,7 +217,7 @@ class DeviceOps(DaemonCore):
             "device_type": slot.device_type,
             "state": slot.state.value,
             "connected": slot.state is DeviceState.CONNECTED,
-            "streaming": self._streams.is_streaming(slot),
+            "streaming": self.streams.is_streaming(slot),
             "owned_by": owner[0].label if owner else None,
             "owner_kind": owner[0].kind if owner else None,
             "owner_id": owner[0].owner_id if owner else None,
@@ -129,7 +228,7 @@ class DeviceOps(DaemonCore):
             "params": slot.params,
             "call_timeout": slot.call_timeout,
             "lock": slot.lock_info(),
-            "stream": self._streams.stats(slot),
+            "stream": self.streams.stats(slot),
         }
 
     def list_devices(self) -> list[dict[str, Any]]:
@@ -140,7 +239,7 @@ class DeviceOps(DaemonCore):
         """Public methods of a device: name, kind (query/command), parameters, doc."""
         from labd.introspection import describe_method
 
-        slot = self._slot(device_id)
+        slot = self.slot(device_id)
         return [describe_method(name, slot.originals[name], slot.kinds[name])
                 for name in sorted(slot.originals)]
 
@@ -148,7 +247,7 @@ class DeviceOps(DaemonCore):
         """Raise :class:`DeviceTimeoutError` when a call waits longer than ``seconds`` for the device."""
         if seconds is not None and (not isinstance(seconds, int | float) or seconds <= 0):
             raise InvalidArgumentError(f"call_timeout must be a positive number or None, got {seconds!r}")
-        slot = self._slot(device_id)
+        slot = self.slot(device_id)
         slot.call_timeout = seconds
         rewrap_device(slot)
 
@@ -167,7 +266,7 @@ class DeviceOps(DaemonCore):
         """
         from labd.introspection import check_call
 
-        slot = self._slot(device_id)
+        slot = self.slot(device_id)
         bound = check_call(slot, method, args, kwargs)
         with acting_as(actor or current_actor()):
             return bound(*(args or ()), **dict(kwargs or {}))
@@ -178,8 +277,7 @@ class DeviceOps(DaemonCore):
         Raises :class:`DeviceConnectionError` (the driver's error as ``__cause__``) or
         :class:`DeviceTimeoutError`; the device is then ``faulted``.
         """
-        self._check_open()
-        slot = self._slot(device)
+        slot = self.slot(device)
         connect = getattr(slot.instance, "connect", None)
         if not callable(connect):
             slot.state = DeviceState.CONNECTED
@@ -188,10 +286,10 @@ class DeviceOps(DaemonCore):
 
     def disconnect_device(self, device: Any, timeout: float | None = None) -> None:
         """Call the device's ``disconnect()``; idempotent. A timeout is logged, not raised."""
-        slot = self._slot(device)
+        slot = self.slot(device)
         if slot.state in (DeviceState.DISCONNECTED, DeviceState.ADDED):
             return
-        self._streams.stop(slot, timeout=1.0 if timeout is None else timeout)
+        self.streams.stop(slot, timeout=1.0 if timeout is None else timeout)
         disconnect = getattr(slot.instance, "disconnect", None)
         if not callable(disconnect):
             slot.state = DeviceState.DISCONNECTED
@@ -236,7 +334,7 @@ class DeviceOps(DaemonCore):
             job()
         else:
             try:
-                self._pool.submit(job)
+                self._submit(job)
             except RuntimeError:  # the daemon was shut down: its pool no longer takes jobs
                 threading.Thread(target=job, name=f"labd-{what}-{slot.device_id}", daemon=True).start()
         finished = done.wait(timeout)
@@ -301,19 +399,6 @@ class DeviceOps(DaemonCore):
         self._publish_event({"event": "device_state", "device_id": slot.device_id,
                              "state": slot.state.value})
 
-    @contextlib.contextmanager
-    def device_context(self, device_id: str, device_type: str, **params: Any) -> Iterator[Any]:
-        """Add and connect a device for the block; disconnect it on exit."""
-        instance = self.add_device(device_id, device_type, **params)
-        try:
-            self.connect_device(instance)
-            yield instance
-        finally:
-            try:
-                self.disconnect_device(instance)
-            except Exception:
-                log.exception("Failed to disconnect device %r on context exit", device_id)
-
     def subscribe(
         self,
         device: Any,
@@ -329,8 +414,8 @@ class DeviceOps(DaemonCore):
         subscription's delivery thread, never on the device's thread. A stream started by a
         subscription stops when its last subscriber closes.
         """
-        slot = self._slot(device)
-        return self._streams.subscribe(
+        slot = self.slot(device)
+        return self.streams.subscribe(
             slot, callback, self.stream_maxsize if maxsize is None else maxsize, on_ready,
             stream_params, pinned=False
         )
@@ -342,39 +427,29 @@ class DeviceOps(DaemonCore):
         """
         if not callable(callback):
             raise InvalidArgumentError(f"callback must be callable, got {type(callback).__name__}")
-        slot = self._slot(device)
-        return self._streams.subscribe(
+        slot = self.slot(device)
+        return self.streams.subscribe(
             slot, callback, self.stream_maxsize, None, stream_params, pinned=True
         )
 
     def stop_streaming(self, device: Any, timeout: float | None = 1.0) -> None:
         """Stop the device's stream and end every subscription. No effect if not streaming."""
-        self._streams.stop(self._slot(device), timeout=timeout)
+        self.streams.stop(self.slot(device), timeout=timeout)
 
     def stream_hub(self, device: Any) -> StreamHub | None:
         """The device's current stream hub (None if not streaming)."""
-        return self._streams.hub(self._slot(device))
+        return self.streams.hub(self.slot(device))
 
     def get_device_error(self, device_id: str) -> ErrorRecord | None:
         """The device's last error record, kept until cleared."""
-        return self._slot(device_id).last_error
+        return self.slot(device_id).last_error
 
     def clear_device_error(self, device_id: str) -> None:
         """Forget the device's last error."""
-        self._slot(device_id).last_error = None
-
-    def add_error_listener(self, listener: Callable[[ErrorRecord], None]) -> None:
-        """Call ``listener(record)`` for every device, callback and task error (e.g. a run store)."""
-        self._error_listeners.append(listener)
+        self.slot(device_id).last_error = None
 
     def _device_error(self, slot: DeviceSlot, record: ErrorRecord) -> None:
         self._publish_event({"event": "device_error", "device_id": slot.device_id,
                              "error": record.to_dict(include_traceback=False)})
-        if self._store is not None:
-            self._store.device_error(record.to_dict())
-        for listener in list(self._error_listeners):
-            try:
-                listener(record)
-            except Exception:
-                log.exception("labd error listener failed")
+        self._on_device_error(record)
 
