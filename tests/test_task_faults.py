@@ -8,6 +8,7 @@ and real signals; every wait is bounded by a watchdog, and none depends on timin
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -114,6 +115,15 @@ class UntilEvent:
         return "done"
 
 
+class ClaimAndReturn:
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.device_ids = ["d1", "d2"]
+
+    def run(self, context: ld.TaskContext) -> str:
+        return "claimed"
+
+
 class Quick:
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
@@ -128,7 +138,7 @@ def daemon() -> Iterator[ld.LabDaemon]:
     d.register_plugins(
         devices={"Device": Device},
         tasks={"UntilCancelled": UntilCancelled, "CancelQueuedChild": CancelQueuedChild,
-               "Quick": Quick, "UntilEvent": UntilEvent},
+               "Quick": Quick, "UntilEvent": UntilEvent, "ClaimAndReturn": ClaimAndReturn},
     )
     for device_id in ("d1", "d2"):
         d.add_device(device_id, "Device")
@@ -165,6 +175,8 @@ def test_ctrl_c_in_a_waiter_never_stops_other_waiters_from_hearing_the_end(
             signal.pthread_kill(main, signal.SIGINT)
             stop_signals.wait(0.0005)
 
+    gc.collect()
+    gc.disable()  # see test_ctrl_c_at_any_point_of_execute_task_...
     previous = signal.signal(signal.SIGINT, on_sigint)
     sender = threading.Thread(target=signaller, name="test-sigint")
     try:
@@ -191,6 +203,7 @@ def test_ctrl_c_in_a_waiter_never_stops_other_waiters_from_hearing_the_end(
         stop_signals.set()
         sender.join(WAIT_S)
         signal.signal(signal.SIGINT, previous)
+        gc.enable()
     assert interrupts >= 200  # the signals really arrived inside wait()
 
 
@@ -488,3 +501,92 @@ def test_waiting_for_a_run_never_changes_the_waiters_cpu_affinity(daemon: ld.Lab
         seen = daemon.execute_task(f"a{index}", "ReadWaiterAffinity").wait(WAIT_S)
         assert seen == before
 
+
+
+# -- Ctrl+C while a run is being started -------------------------------------------------------
+
+
+def test_ctrl_c_at_any_point_of_execute_task_leaves_no_run_or_claim_behind(
+    daemon: ld.LabDaemon,
+) -> None:
+    """Real SIGINTs land at random points inside execute_task (claiming, recording, handing
+    the run to a worker). Afterwards every run that exists ends, and no device stays owned:
+    an interrupted start is abandoned (cancelled, its claim released), never left pending."""
+    main = threading.get_ident()
+    armed = False
+    landed = 0
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal landed, armed
+        if armed:  # one Ctrl+C per call: the clean-up it triggers is not interrupted again
+            armed = False
+            landed += 1
+            raise KeyboardInterrupt
+
+    def signaller() -> None:
+        while not stop.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+            stop.wait(0.0002)
+
+    # A KeyboardInterrupt raised inside a garbage-collector callback (a WeakSet's) would be
+    # unraisable, not the test's: collect now and keep the collector off while armed.
+    gc.collect()
+    gc.disable()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    sender = threading.Thread(target=signaller, name="test-sigint")
+    started = 0
+    try:
+        sender.start()
+        with switch_every_bytecode():
+            for index in range(20_000):  # until enough interrupts landed (bounded)
+                if index >= 400 and landed >= 50:
+                    break
+                try:
+                    armed = True
+                    daemon.execute_task(f"r{index}", "Quick")
+                    armed = False
+                    started += 1
+                except KeyboardInterrupt:
+                    armed = False
+    finally:
+        armed = False
+        stop.set()
+        sender.join(WAIT_S)
+        signal.signal(signal.SIGINT, previous)
+    assert landed >= 50
+    for handle in daemon.task_handles():
+        with contextlib.suppress(ld.TaskCancelledError):
+            handle.wait(WAIT_S)
+    # The same, with devices to claim: afterwards both are free.
+    landed_before = landed
+    armed = False
+    stop.clear()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    sender = threading.Thread(target=signaller, name="test-sigint")
+    try:
+        sender.start()
+        with switch_every_bytecode():
+            for index in range(20_000):  # until enough interrupts landed (bounded)
+                if index >= 400 and landed >= landed_before + 50:
+                    break
+                try:
+                    armed = True
+                    handle = daemon.execute_task(f"c{index}", "ClaimAndReturn", wait_for_devices=True)
+                    armed = False
+                    handle.wait(WAIT_S)
+                except KeyboardInterrupt:
+                    armed = False
+    finally:
+        armed = False
+        stop.set()
+        sender.join(WAIT_S)
+        signal.signal(signal.SIGINT, previous)
+        gc.enable()
+    assert landed >= landed_before + 50
+    for handle in daemon.task_handles():
+        with contextlib.suppress(ld.TaskCancelledError):
+            assert handle.wait(WAIT_S) in (None, "claimed", "done")
+        assert not handle.is_running()
+    assert daemon.owner_of("d1") is None and daemon.owner_of("d2") is None
+    assert daemon.device_info("d1")["claims_waiting"] == []

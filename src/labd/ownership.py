@@ -254,12 +254,13 @@ class ClaimRegistry:
     def pending(self) -> list[PendingClaim]:
         """Claims waiting for devices, oldest first."""
         with self._lock:
-            return list(self._pending)
+            return [p for p in self._pending if not p.done]
 
     def waiting_for(self, device_id: str) -> list[str]:
         """Labels of the claims queued for ``device_id``, first in line first."""
         with self._lock:
-            return [p.owner.label for p in self._pending if device_id in p.device_ids]
+            return [p.owner.label for p in self._pending
+                    if not p.done and device_id in p.device_ids]
 
     def leases(self) -> list[Lease]:
         """Active leases."""
@@ -323,10 +324,31 @@ class ClaimRegistry:
         self._grant_waiting()
         return True
 
-    def release(self, owner: Owner) -> tuple[str, ...]:
-        """Release every device ``owner`` holds, then grant waiting claims. Idempotent."""
+    def withdraw(self, owner: Owner) -> None:
+        """Take every queued claim of ``owner`` out of the FIFO and release what it holds.
+
+        For a start that failed or was interrupted before the caller learnt of its queued
+        claim: nothing of ``owner``'s stays queued or held. Idempotent.
+        """
         with self._lock:
-            entry = self._held.pop(id(owner), None)
+            mine = [p for p in self._pending if p.owner is owner]
+            for pending in mine:
+                pending.done = True
+                self._pending.remove(pending)
+        for pending in mine:
+            if pending.timer is not None:
+                pending.timer.cancel()
+        self.release(owner)
+        self._grant_waiting()
+
+    def release(self, owner: Owner) -> tuple[str, ...]:
+        """Release every device ``owner`` holds, then grant waiting claims. Idempotent.
+
+        The entry in ``_held`` goes last, so a release cut short by an interrupt is finished
+        by the next release of the same owner (the task runner's clean-up does one).
+        """
+        with self._lock:
+            entry = self._held.get(id(owner))
             if entry is None:
                 return ()
             _, ids = entry
@@ -334,6 +356,7 @@ class ClaimRegistry:
                 stack = self._stacks.get(device_id, [])
                 stack[:] = [item for item in stack if item[0] is not owner]
                 self._publish_owner(device_id)
+            del self._held[id(owner)]
         self._on_event({"event": "devices_released", "owner": owner.label, "device_ids": list(ids)})
         self._grant_waiting()
         return ids
@@ -374,17 +397,18 @@ class ClaimRegistry:
             failure.append(exc)
             done.set()
 
-        pending = self.claim_or_queue(owner, ids, done.set, failed, timeout)
-        if pending is None:
-            return
         granted = False
         try:
+            if self.claim_or_queue(owner, ids, done.set, failed, timeout) is None:
+                granted = True
+                return
             done.wait()
             granted = not failure
         finally:
-            # Interrupted (Ctrl+C) or failed: leave no waiter queued and no device held.
-            if not granted and not failure and not self.cancel_pending(pending):
-                self.release(owner)  # granted just as the interrupt arrived: give it back
+            # Interrupted (Ctrl+C, even inside claim_or_queue) or failed: leave no waiter
+            # queued and no device held.
+            if not granted:
+                self.withdraw(owner)
         if failure:
             raise failure[0]
 
@@ -481,6 +505,8 @@ class ClaimRegistry:
         for pending in self._pending:
             if pending.owner is owner:
                 break
+            if pending.done:  # on its way out of the queue (see cancel_pending)
+                continue
             for device_id in set(pending.device_ids) & free:
                 entry = _busy_entry(device_id, pending.owner, pending.queued_at)
                 entry["owner_kind"] = "pending"
@@ -491,13 +517,15 @@ class ClaimRegistry:
         return {device_id for device_id in ids if not self._stacks.get(device_id)}
 
     def _grant(self, owner: Owner, ids: tuple[str, ...]) -> None:
+        # `_held` first: whatever part of the grant an interrupt lets happen below, a
+        # release of this owner finds and undoes it.
         now = time.time()
-        for device_id in ids:
-            self._stacks.setdefault(device_id, []).append((owner, now))
-            self._publish_owner(device_id)
         previous = self._held.get(id(owner))
         merged = ids if previous is None else tuple(dict.fromkeys(previous[1] + ids))
         self._held[id(owner)] = (owner, merged)
+        for device_id in ids:
+            self._stacks.setdefault(device_id, []).append((owner, now))
+            self._publish_owner(device_id)
 
     def _publish_owner(self, device_id: str) -> None:
         # Keep the device slot's fast-path fields in step with the stack.
@@ -516,12 +544,15 @@ class ClaimRegistry:
         with self._lock:
             reserved: set[str] = set()
             for pending in list(self._pending):
+                if pending.done:  # left behind by an interrupted removal: purge it
+                    self._pending.remove(pending)
+                    continue
                 wanted = set(pending.device_ids)
                 if not self._free(pending.device_ids) & reserved and not self._conflicts(
                     pending.owner, pending.device_ids, reserved_by_queue=False
                 ):
-                    self._pending.remove(pending)
                     pending.done = True
+                    self._pending.remove(pending)
                     self._grant(pending.owner, pending.device_ids)
                     granted.append(pending)
                 else:

@@ -24,6 +24,7 @@ from typing import Any
 from labd.device_table import DeviceTable, check_id
 from labd.errors import (
     DaemonClosedError,
+    DeviceBusyError,
     ErrorRecord,
     InvalidArgumentError,
     UnknownDeviceError,
@@ -85,24 +86,39 @@ class TaskRunner:
         principal = actor.principal or (actor.run.principal if actor.run is not None else None)
         run = TaskRun(self._daemon, self, task_id, task_type, instance, params, device_ids,
                       actor.run, principal)
-        with self._lock:
-            # Checked under the lock close() takes: a run registered here is one shutdown
-            # will cancel and wait for; a later call gets DaemonClosedError.
-            if self._closed:
-                raise DaemonClosedError("This LabDaemon has been shut down; create a new one.")
-            self._check_task_id_free(task_id)
-            self._runs[task_id] = run
-        if isinstance(actor.run, TaskRun):
-            actor.run.adopt(run)  # a cancel of the parent reaches this run
+        registered = False
         try:
-            self._claim_for(run, wait)
-        except BaseException:
             with self._lock:
-                if self._runs.get(task_id) is run:
-                    del self._runs[task_id]
-            run.done_event.set()  # it never started: nobody (a parent included) waits for it
+                # Checked under the lock close() takes: a run registered here is one
+                # shutdown will cancel and wait for; a later call gets DaemonClosedError.
+                if self._closed:
+                    raise DaemonClosedError("This LabDaemon has been shut down; create a new one.")
+                self._check_task_id_free(task_id)
+                registered = True  # before the insert: over-cleaning beats a ghost run
+                self._runs[task_id] = run
+            if isinstance(actor.run, TaskRun):
+                actor.run.adopt(run)  # a cancel of the parent reaches this run
+            self._claim_for(run, wait)
+        except DeviceBusyError:
+            # Refused (all or none): it holds nothing and never existed for anyone else.
+            self._forget(run)
+            run.done_event.set()
+            raise
+        except BaseException:
+            if registered:
+                # A closed pool, or Ctrl+C anywhere after registering: the run ends cancelled
+                # with no device held and no waiter queued, unless a worker already has it.
+                run.abandon()
+                if run.started_at is None:  # it never ran: forget it, its id is free again
+                    self._claims.withdraw(run)  # a claim queued before we learnt of it
+                    self._forget(run)
             raise
         return TaskHandle(run)
+
+    def _forget(self, run: TaskRun) -> None:
+        with self._lock:
+            if self._runs.get(run.task_id) is run:
+                del self._runs[run.task_id]
 
     def _claim_for(self, run: TaskRun, wait: float | bool) -> None:
         if run.device_ids and wait is False:

@@ -251,6 +251,14 @@ class TaskRun(Owner):
         if pending:
             self.cancel_pending()
 
+    def abandon(self) -> None:
+        """The call that was starting this run failed or was interrupted: end it cancelled
+        (releasing any claim it got) unless a worker already started it."""
+        self.request_cancel()
+        with self._finish_lock:
+            if self.state is TaskState.PENDING and self.started_at is None:
+                self._finish(TaskState.CANCELLED, None, None)
+
     def adopt(self, child: TaskRun) -> None:
         """Record ``child`` as started from inside this run; a cancelled parent cancels it."""
         with self._finish_lock:

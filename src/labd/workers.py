@@ -85,8 +85,12 @@ class WorkerPool:
             if self._closed:
                 raise RuntimeError("worker pool is closed")
             if self._idle > 0:
-                self._idle -= 1
-                self._jobs.put(job)
+                # The count and the queue change together even if an interrupt arrives
+                # between them: otherwise an idle worker waits for a job that never comes.
+                try:
+                    self._idle -= 1
+                finally:
+                    self._jobs.put(job)
                 return
             thread = threading.Thread(
                 target=self._loop, args=(job,), name=f"{self._name}-{next(self._ids)}", daemon=True
@@ -140,7 +144,14 @@ class WorkerPool:
 
 
 class AffineWorkerPool:
-    """Runs each job on its own reusable thread, woken on the submitter's CPU (Linux)."""
+    """Runs each job on its own reusable thread, woken on the submitter's CPU (Linux).
+
+    Interrupt-safe by construction: a worker's job is assigned under the pool's mutex in the
+    same step that takes the worker off the idle list, and a worker decides what a wake-up
+    (or an idle timeout) means by looking at that state under the mutex. So a Ctrl+C in
+    ``submit`` between those steps and the wake-up only delays the job until the worker's
+    idle timeout, or lets the worker retire; it never strands a thread.
+    """
 
     def __init__(
         self,
@@ -153,6 +164,7 @@ class AffineWorkerPool:
         self._idle_timeout = idle_timeout
         self._mutex = threading.Lock()
         self._idle: list[_Worker] = []  # a stack: the most recently idle worker is cache-hot
+        self._workers: set[_Worker] = set()
         self._threads: set[threading.Thread] = set()
         self._busy: set[threading.Thread] = set()  # threads inside a job right now
         self._ids = itertools.count(1)
@@ -164,8 +176,11 @@ class AffineWorkerPool:
         with self._mutex:
             if self._closed:
                 raise RuntimeError("worker pool is closed")
-            worker = self._idle.pop() if self._idle else None
-            if worker is None:
+            if self._idle:
+                worker = self._idle.pop()
+                worker.job = job  # with the pop, under the mutex (see the class docstring)
+                thread = None
+            else:
                 worker = _Worker()
                 worker.job = job
                 thread = threading.Thread(
@@ -173,11 +188,13 @@ class AffineWorkerPool:
                     daemon=True,
                 )
                 worker.thread = thread
+                self._workers.add(worker)
                 self._threads.add(thread)
-        if worker.thread is not None and worker.thread.ident is None:
-            worker.thread.start()
+        if thread is not None:
+            thread.start()
             return
-        worker.job = job
+        # Outside the mutex: a worker woken while we still held it would block on the mutex
+        # to re-idle and lose the race to our next submit (one new thread per job).
         self._wake_here(worker)
         worker.gate.release()
 
@@ -193,10 +210,9 @@ class AffineWorkerPool:
         me = threading.current_thread()
         base_name = me.name
         worker.tid = threading.get_native_id()
-        while True:
+        with self._mutex:
             job, worker.job = worker.job, None
-            if job is None:
-                break
+        while job is not None:
             if self._all_cpus is not None:
                 try:
                     os.sched_setaffinity(0, self._all_cpus)  # never confine the job itself
@@ -213,29 +229,43 @@ class AffineWorkerPool:
                 retire = self._closed or len(self._idle) >= self._max_idle
                 if not retire:
                     self._idle.append(worker)
-            if retire:
-                break
-            if not worker.gate.acquire(True, self._idle_timeout):
-                with self._mutex:
-                    if worker in self._idle:  # nobody picked us: retire
-                        self._idle.remove(worker)
-                        break
-                worker.gate.acquire()  # submit() took us just now; its job is on the way
+            job = None if retire else self._next_job(worker)
         with self._mutex:
             self._threads.discard(me)
+            self._workers.discard(worker)
+
+    def _next_job(self, worker: _Worker) -> Job | None:
+        """Sleep until a job is assigned; None to retire (closed, idle too long, or taken
+        by a submit that was interrupted before it assigned a job)."""
+        while True:
+            woken = worker.gate.acquire(True, self._idle_timeout)
+            with self._mutex:
+                if worker.job is not None:
+                    job, worker.job = worker.job, None
+                    return job
+                if self._closed:
+                    return None
+                if woken:
+                    continue  # a late wake-up for a job already taken at an idle timeout
+                if worker in self._idle:
+                    self._idle.remove(worker)
+                return None
 
     def close(self, timeout: float = 1.0) -> list[str]:
         """Stop idle threads; returns the names of threads still busy after ``timeout``."""
         with self._mutex:
             self._closed = True
-            idle, self._idle = self._idle, []
+            self._idle.clear()
+            workers = list(self._workers)
             threads = list(self._threads)
-        for worker in idle:
-            worker.job = None
-            worker.gate.release()
+        for worker in workers:
+            try:
+                worker.gate.release()  # wake it to see `closed` (a busy one sees it later)
+            except RuntimeError:  # already released: it is awake or about to be
+                pass
         deadline = time.monotonic() + timeout
         for thread in threads:
-            if thread is not threading.current_thread():
+            if thread is not threading.current_thread() and thread.ident is not None:
                 thread.join(max(deadline - time.monotonic(), 0.0))
         # Idle threads may still be on their way out; only threads inside a job are busy.
         return sorted(t.name for t in list(self._busy) if t is not threading.current_thread())
