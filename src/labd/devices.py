@@ -165,16 +165,51 @@ class DeviceSlot:
         self.call_timeout = call_timeout
         self.lock = DeviceLock(device_id)
         self.state = DeviceState.ADDED
-        self.owner: Owner | None = None
+        self._owner: Owner | None = None
         self.owner_since: float | None = None
         self.last_error: ErrorRecord | None = None
         self.unresponsive = False
-        #: Why calls are refused (a connect() timed out), or None. Set and cleared by the daemon.
-        self.refusal: str | None = None
+        self._refusal: str | None = None
+        # The one flag each generated wrapper reads per call, besides its try at the lock:
+        # True sends the call down the slow path, which does the fair wait and the checks.
+        self.gate_query = False  # FIFO mode, or calls refused
+        self.gate_command = False  # FIFO mode, calls refused, or the device is owned
+        self.gate_lifecycle = False  # FIFO mode, or owned (connect/disconnect: never refused)
+        self.lock.on_fifo_change = self._update_gates
         self.added_at = time.time()
         self.kinds: dict[str, str] = {}
         self.originals: dict[str, MethodType] = {}
         self._on_error = on_error
+
+    @property
+    def owner(self) -> Owner | None:
+        """The device's current owner (written by the claim registry), or None."""
+        return self._owner
+
+    @owner.setter
+    def owner(self, value: Owner | None) -> None:
+        self._owner = value
+        self._update_gates()
+
+    @property
+    def refusal(self) -> str | None:
+        """Why calls are refused (a connect() timed out), or None. Set and cleared by the daemon."""
+        return self._refusal
+
+    @refusal.setter
+    def refusal(self, value: str | None) -> None:
+        self._refusal = value
+        self._update_gates()
+
+    def _update_gates(self) -> None:
+        # A wrapper that reads a gate a moment before it changes behaves as a call that began
+        # just before the change: claims drain such calls before their run starts.
+        fifo = self.lock.fifo
+        refused = self._refusal is not None
+        owned = self._owner is not None
+        self.gate_query = fifo or refused
+        self.gate_command = fifo or refused or owned
+        self.gate_lifecycle = fifo or owned
 
     def record_error(self, exc: BaseException, method: str | None, origin: str = "device") -> None:
         """Keep ``exc`` as this device's last error and pass it to the daemon's listeners."""
@@ -214,20 +249,30 @@ class DeviceSlot:
         stats = self.lock.statistics()
         return {"holder": stats.holder_thread, "waiting": stats.waiting, "fifo": stats.fifo_mode}
 
-    def acquire_contended(self, method: str) -> None:
-        """The contended path of every wrapper: fair, and bounded by ``call_timeout``.
+    def acquire_contended(self, method: str, command: bool, refusable: bool) -> None:
+        """The slow path of every wrapper: fair waiting, then the refusal and ownership checks.
 
         Called when the wrapper's ``acquire(False)`` failed (another thread holds the lock) or
-        succeeded while FIFO mode is on. In the second case a re-entrant call keeps its level;
-        a newcomer gives the lock back and queues behind the waiters it would have barged past.
+        its gate was up (FIFO mode, calls refused, or a command to an owned device). With the
+        lock taken by this call in FIFO mode, a re-entrant call keeps its level and a newcomer
+        gives it back and queues behind the waiters it would have barged past. The checks run
+        with the lock held; when they raise, the wrapper's ``finally`` releases it.
         """
         lock = self.lock
         rlock = lock.rlock
         if rlock._is_owned():  # type: ignore[attr-defined]
-            if not lock.fifo or rlock._recursion_count() > 1:  # type: ignore[attr-defined]
-                return
-            rlock.release()
-        if lock.acquire_slow(self.call_timeout):
+            if lock.fifo and rlock._recursion_count() == 1:  # type: ignore[attr-defined]
+                rlock.release()
+                self._acquire_fair(method)
+        else:
+            self._acquire_fair(method)
+        if refusable and self._refusal is not None:
+            self.refuse(method)
+        if command and self._owner is not None:
+            self.check_command(method)
+
+    def _acquire_fair(self, method: str) -> None:
+        if self.lock.acquire_slow(self.call_timeout):
             return
         stats = self.lock.statistics()
         holder = stats.holder_thread or "another thread"
@@ -264,13 +309,11 @@ def __ld_make(__ld_slot, __ld_func, __ld_inst, __ld_defaults):
     __ld_release = __ld_lock.rlock.release
     __ld_slow = __ld_slot.acquire_contended
     __ld_fail = __ld_slot.fail
-    __ld_check = __ld_slot.check_command
     def {name}({params}):
         try:
-            {acquire}
+            if not __ld_acquire(False) or {gate}:
+                __ld_slow({name!r}, {command}, {refusable})
             try:
-                {refuse}
-                {check}
                 return __ld_func(__ld_inst{call})
             except BaseException as __ld_exc:
                 __ld_fail(__ld_exc, {name!r})
@@ -283,18 +326,24 @@ def __ld_make(__ld_slot, __ld_func, __ld_inst, __ld_defaults):
     return {name}
 """
 
-_CHECK = "if __ld_slot.owner is not None: __ld_check({name!r})"
-# Every method except the lifecycle ones is refused while the slot says why (a connect that
-# timed out): connect() must stay callable to recover, disconnect() to clean up.
-_REFUSE = "if __ld_slot.refusal is not None: __ld_slot.refuse({name!r})"
-_NEVER_REFUSED = frozenset({"connect", "disconnect", "is_streaming", "stop_streaming"})
+# The fast path is one C-level try at the lock plus one attribute read (the method's gate).
 # A plain blocking acquire() would save ~25 ns of argument parsing, but measured on a loaded
 # 2-core machine a plain RLock gave one of four hammering threads 1 call in 400; the fair slow
-# path needs the non-blocking attempt (see ADR 0002). The attempt comes before the FIFO check
-# so that a re-entrant call always takes its level here, where the finally can account for it
-# (see the module docstring); a newcomer that got the lock in FIFO mode gives it back.
-_ACQUIRE = """if not __ld_acquire(False) or __ld_lock.fifo:
-                __ld_slow({name!r})"""
+# path needs the non-blocking attempt (see ADR 0002). The attempt comes before the gate so
+# that a re-entrant call always takes its level here, where the finally can account for it.
+# Every method except the lifecycle ones is refused while the slot says why (a connect that
+# timed out): connect() must stay callable to recover, disconnect() to clean up.
+_NEVER_REFUSED = frozenset({"connect", "disconnect", "is_streaming", "stop_streaming"})
+
+
+def _gate(name: str, kind: str) -> tuple[str, bool, bool]:
+    """(the gate expression, command?, refusable?) for the wrapper of method ``name``."""
+    command = kind == COMMAND
+    refusable = name not in _NEVER_REFUSED
+    if command:
+        return ("__ld_slot.gate_command" if refusable else "__ld_slot.gate_lifecycle",
+                True, refusable)
+    return ("__ld_slot.gate_query" if refusable else "__ld_lock.fifo", False, refusable)
 
 
 def _signature_parts(func: Callable[..., Any]) -> tuple[str, str, list[Any]] | None:
@@ -344,13 +393,9 @@ def _make_wrapper(slot: DeviceSlot, name: str, bound: MethodType, kind: str) -> 
     func = bound.__func__
     parts = _signature_parts(func)
     params, call, defaults = parts if parts is not None else ("*args, **kwargs", ", *args, **kwargs", [])
+    gate, command, refusable = _gate(name, kind)
     source = _TEMPLATE.format(
-        name=name,
-        params=params,
-        call=call,
-        check=_CHECK.format(name=name) if kind == COMMAND else "pass",
-        refuse="pass" if name in _NEVER_REFUSED else _REFUSE.format(name=name),
-        acquire=_ACQUIRE.format(name=name),
+        name=name, params=params, call=call, gate=gate, command=command, refusable=refusable
     )
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<labd wrapper {slot.device_type}.{name}>", "exec"), namespace)

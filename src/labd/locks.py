@@ -23,6 +23,7 @@ import threading
 import time
 from _thread import LockType, allocate_lock
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["STARVE_AFTER", "DeviceLock", "LockStatistics"]
@@ -56,17 +57,32 @@ class DeviceLock:
     (``rlock._is_owned()``); :meth:`acquire_slow` does that for its own frames.
     """
 
-    __slots__ = ("_mutex", "_queue", "fifo", "name", "rlock")
+    __slots__ = ("_fifo", "_mutex", "_queue", "name", "on_fifo_change", "rlock")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.rlock = threading.RLock()
-        #: True while waiters are served first-come first-served (read by the fast path).
-        self.fifo = False
+        self._fifo = False
+        #: Called with no argument whenever FIFO mode turns on or off (the device slot folds
+        #: it into the one flag its method wrappers read per call).
+        self.on_fifo_change: Callable[[], None] | None = None
         #: One pre-locked ticket per queued waiter, in arrival order; the head's turn is
         #: next. A head that leaves releases the next ticket (hands over the turn).
         self._queue: deque[LockType] = deque()
         self._mutex = threading.Lock()
+
+    @property
+    def fifo(self) -> bool:
+        """True while waiters are served first-come first-served."""
+        return self._fifo
+
+    @fifo.setter
+    def fifo(self, value: bool) -> None:
+        if value is not self._fifo:
+            self._fifo = value
+            hook = self.on_fifo_change
+            if hook is not None:
+                hook()
 
     def acquire_slow(self, timeout: float | None = None) -> bool:
         """Acquire when the fast path failed; returns False only when ``timeout`` ran out.
