@@ -43,7 +43,18 @@ class ServerSettings:
     stream_maxsize: int = 1000  # default per-client stream buffer (items)
     stream_max_bytes: int = 32 * 2**20  # per-client stream buffer cap (estimated bytes)
     stream_max_clients: int = 100  # SSE clients per stream; the next one gets 503
+    stream_max_clients_total: int = 1000  # SSE clients over all streams; the next one gets 503
+    stream_max_maxsize: int = 100_000  # largest ?maxsize= a client may ask for; above: 422
     tokens: TokenTable | None = None  # None: no authentication (see labd.server.auth)
+    # Hosts (the Host header, without port) the server answers; others get 421 (DNS
+    # rebinding). Always allowed besides these: localhost, 127.0.0.1, [::1], the bind address.
+    allowed_hosts: tuple[str, ...] = ()
+    bind_host: str = "127.0.0.1"  # the address the server listens on (allowed as a Host)
+    max_request_timeout: float = 3600.0  # ?timeout= outside [0.001, this] is a 400
+    lease_default_ttl: float = 30.0  # an HTTP lease without ttl gets this
+    lease_max_ttl: float = 3600.0  # an HTTP lease (or renewal) may not ask for more
+    device_max_in_flight: int = 4  # calls running or waiting per device; beyond: 503
+    device_workers: int = 32  # threads running device code, over all devices
 
 
 class ServerContext:
