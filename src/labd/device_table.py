@@ -34,6 +34,7 @@ from labd.errors import (
     iso_from_timestamp,
 )
 from labd.ownership import Actor, ClaimRegistry, acting_as, current_actor
+from labd.secrets import redact
 from labd.streaming import StreamHub, Subscription
 
 __all__ = ["ID_PATTERN", "DeviceTable", "check_id"]
@@ -225,7 +226,7 @@ class DeviceTable:
             "claims_waiting": self._claims.waiting_for(device_id),  # FIFO order: next first
             "unresponsive": slot.unresponsive,
             "last_error": slot.last_error.to_dict(include_traceback=False) if slot.last_error else None,
-            "params": slot.params,
+            "params": redact(slot.params),  # secret-named values as "***" (labd.secrets)
             "call_timeout": slot.call_timeout,
             "lock": slot.lock_info(),
             "stream": self.streams.stats(slot),

@@ -32,6 +32,7 @@ from labd.errors import (
     describe_choices,
 )
 from labd.ownership import ClaimRegistry, PendingClaim, current_actor
+from labd.secrets import redact
 from labd.store import RunStore
 from labd.streaming import StreamHub
 from labd.tasks import TaskHandle, TaskRun, TaskState
@@ -166,7 +167,8 @@ class TaskRunner:
         run.recorder = store
         store.run_created(run.uid, {
             "task_id": run.task_id, "task_type": run.task_type, "status": run.state.value,
-            "params": run.params, "device_ids": list(run.device_ids), "owner": run.principal,
+            "params": redact(run.params),  # never stored in clear (labd.secrets)
+            "device_ids": list(run.device_ids), "owner": run.principal,
             "parent_id": run.parent.owner_id if run.parent is not None else None,
             "created_at": run.created_at,
         })

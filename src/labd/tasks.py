@@ -22,6 +22,7 @@ from labd.errors import (
     iso_from_timestamp,
 )
 from labd.ownership import Actor, Owner, PendingClaim, acting_as
+from labd.secrets import redact
 from labd.streaming import StreamHub
 
 __all__ = ["RunHost", "TaskContext", "TaskHandle", "TaskRun", "TaskState"]
@@ -388,7 +389,7 @@ class TaskRun(Owner):
             "running": not self.state.finished and self.state is not TaskState.PENDING,
             "paused": not self.resume_event.is_set() and not self.state.finished,
             "progress": self.progress,
-            "params": self.params,
+            "params": redact(self.params),  # secret-named values as "***" (labd.secrets)
             "device_ids": list(self.device_ids),
             "parent_id": self.parent.owner_id if self.parent is not None else None,
             "owner": self.principal,
@@ -511,7 +512,8 @@ class TaskHandle:
                 "its class has no set_parameter(key, value) method."
             )
         setter(key, value)
-        self._run.publish("parameter", {"key": key, "value": value})
+        # Every viewer reads the run's stream: a secret-named value goes out as "***".
+        self._run.publish("parameter", {"key": key, "value": redact({key: value})[key]})
 
     def get_parameter(self, key: str) -> Any:
         """Call the task's ``get_parameter(key)``; :class:`TaskError` if it has none."""

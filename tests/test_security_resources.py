@@ -1,0 +1,193 @@
+"""Issue 8, the server's resource edges and the core's secrets, against a real server on 127.0.0.1.
+
+- secret-named device and task parameters are "***" in every answer and in the run store;
+- a viewer joins a running device stream but never starts one; starting obeys ownership;
+- device work runs on a bounded pool with a per-device cap on calls in flight (503 beyond);
+- SSE clients are capped over all streams, and a client's buffer size is bounded (422).
+
+Concurrency is driven by ``threading.Event`` handshakes; every bounded wait is a watchdog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import labd as ld
+from labd.secrets import REDACTED, is_secret_name, redact
+from labd.testing import RunningServer, running_server
+
+pytestmark = pytest.mark.server
+
+WATCHDOG_S = 10.0
+PASSWORD = "hunter2-Qv8x"
+API_KEY = "ak-live-7d1e9f"
+
+
+def watch_until(condition: Callable[[], bool], what: str) -> None:
+    """Watchdog: poll ``condition`` until true; fail naming ``what`` after WATCHDOG_S."""
+    deadline = time.monotonic() + WATCHDOG_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {WATCHDOG_S} s")
+        time.sleep(0.005)
+
+
+def error_of(answer: httpx.Response) -> dict[str, Any]:
+    record = answer.json()["error"]
+    assert set(record) == {"type", "message", "origin", "timestamp", "traceback", "context"}
+    return dict(record)
+
+
+# ------------------------------------------------------------------------------ secrets
+class SecretInstrument:
+    """A device whose constructor needs credentials (they must reach it unchanged)."""
+
+    def __init__(self, device_id: str, address: str = "", password: str = "",
+                 cloud: dict[str, Any] | None = None) -> None:
+        self.device_id = device_id
+        self.address = address
+        self.password = password
+        self.cloud = cloud or {}
+
+    def get_password_length(self) -> int:
+        return len(self.password)
+
+
+class SecretTask:
+    def __init__(self, task_id: str, steps: int = 1, api_key: str = "",
+                 auth: dict[str, str] | None = None) -> None:
+        self.task_id = task_id
+        self.steps = steps
+        self.api_key = api_key
+        self.auth = auth or {}
+
+    def run(self, context: Any) -> dict[str, Any]:
+        return {"status": "completed", "key_length": len(self.api_key)}
+
+
+def test_secret_names_match_words_and_substrings_case_insensitively() -> None:
+    for name in ("password", "DB_PASSWORD", "passwd", "clientSecret", "token", "refresh_token",
+                 "api_key", "API-Key", "apikey", "aws_access_key_id", "private_key",
+                 "credentials", "Credential", "auth", "http_auth", "authHeader",
+                 "Authorization"):
+        assert is_secret_name(name), name
+    for other in ("address", "gain", "key", "author", "authority", "steps", 3, None):
+        assert not is_secret_name(other), other
+    original = {"password": "x", "nested": {"Token": "y", "ok": 1}, "list": [{"secret": 2}, 3]}
+    assert redact(original) == {"password": REDACTED, "nested": {"Token": REDACTED, "ok": 1},
+                                "list": [{"secret": REDACTED}, 3]}
+    assert original["password"] == "x", "redact must not change its argument"
+
+
+@pytest.fixture
+def secret_lab(tmp_path: Path) -> Iterator[RunningServer]:
+    daemon = ld.LabDaemon(store=tmp_path / "runs.db")
+    try:
+        daemon.register_plugins(devices={"Secret": SecretInstrument}, tasks={"SecretTask": SecretTask})
+        with running_server(daemon) as running:
+            yield running
+    finally:
+        daemon.shutdown()
+
+
+def test_secret_device_params_are_hidden_but_reach_the_device(secret_lab: RunningServer) -> None:
+    daemon = secret_lab.daemon
+    device = daemon.add_device("vault", "Secret", address="GPIB0::5", password=PASSWORD,
+                               cloud={"region": "eu", "api_key": API_KEY})
+    assert device.password == PASSWORD and device.cloud["api_key"] == API_KEY
+    expected = {"address": "GPIB0::5", "password": REDACTED,
+                "cloud": {"region": "eu", "api_key": REDACTED}}
+    assert daemon.device_info("vault")["params"] == expected
+    for url in (f"{secret_lab.url}/devices/vault", f"{secret_lab.url}/devices"):
+        answer = httpx.get(url, timeout=WATCHDOG_S)
+        assert answer.status_code == 200
+        assert PASSWORD not in answer.text and API_KEY not in answer.text
+    assert httpx.get(f"{secret_lab.url}/devices/vault",
+                     timeout=WATCHDOG_S).json()["params"] == expected
+
+
+def test_a_device_added_over_http_shows_its_secrets_as_stars(secret_lab: RunningServer) -> None:
+    answer = httpx.post(f"{secret_lab.url}/devices", timeout=WATCHDOG_S, json={
+        "device_id": "vault2", "device_type": "Secret",
+        "params": {"address": "COM3", "password": PASSWORD}})
+    assert answer.status_code in (200, 201), answer.text
+    assert PASSWORD not in answer.text
+    called = httpx.post(f"{secret_lab.url}/devices/vault2/call", timeout=WATCHDOG_S,
+                        json={"method": "get_password_length"})
+    assert called.json()["result"] == len(PASSWORD), "the device must get the real password"
+
+
+def test_secret_task_params_are_hidden_in_answers_and_in_the_run_store(
+    secret_lab: RunningServer, tmp_path: Path,
+) -> None:
+    started = httpx.post(f"{secret_lab.url}/tasks", timeout=WATCHDOG_S, json={
+        "task_id": "t1", "task_type": "SecretTask",
+        "params": {"steps": 3, "api_key": API_KEY, "auth": {"user": "u", "password": PASSWORD}}})
+    assert started.status_code in (200, 201, 202), started.text
+    handle = secret_lab.daemon.get_task("t1")
+    assert handle.wait(timeout=WATCHDOG_S)["key_length"] == len(API_KEY)
+    expected = {"steps": 3, "api_key": REDACTED, "auth": REDACTED}
+    assert handle.info()["params"] == expected
+    for path in ("/tasks/t1", "/tasks", "/runs/t1", "/runs"):
+        answer = httpx.get(f"{secret_lab.url}{path}", timeout=WATCHDOG_S)
+        assert answer.status_code == 200, (path, answer.text)
+        assert API_KEY not in answer.text and PASSWORD not in answer.text, path
+    assert httpx.get(f"{secret_lab.url}/tasks/t1", timeout=WATCHDOG_S).json()["params"] == expected
+    assert httpx.get(f"{secret_lab.url}/runs/t1", timeout=WATCHDOG_S).json()["params"] == expected
+    store = secret_lab.daemon.store
+    assert store is not None and store.flush(timeout=WATCHDOG_S)
+    with contextlib.closing(sqlite3.connect(tmp_path / "runs.db")) as db:
+        rows = db.execute("SELECT params FROM runs").fetchall()
+        dump = "\n".join(db.iterdump())
+    assert rows, "the run was not stored"
+    assert API_KEY not in dump and PASSWORD not in dump
+    # Not even in the raw bytes of the database, its WAL or side files.
+    for stored in tmp_path.rglob("*"):
+        if stored.is_file():
+            raw = stored.read_bytes()
+            assert API_KEY.encode() not in raw and PASSWORD.encode() not in raw, stored
+
+
+class TunableTask:
+    """A task that holds until released and takes parameter updates."""
+
+    def __init__(self, task_id: str, release: threading.Event) -> None:
+        self.task_id = task_id
+        self.release = release
+        self.values: dict[str, Any] = {}
+
+    def set_parameter(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def run(self, context: Any) -> dict[str, Any]:
+        if not self.release.wait(WATCHDOG_S):
+            return {"status": "failed"}
+        return {"status": "completed", "password_length": len(self.values.get("password", ""))}
+
+
+def test_a_secret_parameter_update_goes_out_on_the_task_stream_as_stars() -> None:
+    release = threading.Event()
+    daemon = ld.LabDaemon()
+    try:
+        daemon.register_plugins(tasks={"Tunable": TunableTask})
+        handle = daemon.execute_task("tune", "Tunable", release=release)
+        sub = daemon.subscribe_task("tune")
+        handle.set_parameter("password", PASSWORD)
+        handle.set_parameter("gain", 2)
+        release.set()
+        assert handle.wait(timeout=WATCHDOG_S)["password_length"] == len(PASSWORD)
+        updates = [item.payload for item in sub.drain()
+                   if isinstance(item.payload, dict) and item.payload.get("event") == "parameter"]
+        sub.close()
+        assert [(u["key"], u["value"]) for u in updates] == [("password", REDACTED), ("gain", 2)]
+    finally:
+        daemon.shutdown()
