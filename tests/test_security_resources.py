@@ -10,6 +10,7 @@ Concurrency is driven by ``threading.Event`` handshakes; every bounded wait is a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import threading
@@ -23,7 +24,10 @@ import pytest
 
 import labd as ld
 from labd.secrets import REDACTED, is_secret_name, redact
-from labd.testing import RunningServer, running_server
+from labd.server.context import ServerContext, ServerSettings
+from labd.server.offload import Offloader
+from labd.server.shutdown import ShutdownSignal
+from labd.testing import BlockingDevice, RunningServer, running_server
 
 pytestmark = pytest.mark.server
 
@@ -191,3 +195,165 @@ def test_a_secret_parameter_update_goes_out_on_the_task_stream_as_stars() -> Non
         assert [(u["key"], u["value"]) for u in updates] == [("password", REDACTED), ("gain", 2)]
     finally:
         daemon.shutdown()
+
+
+# --------------------------------------------------------------- bounded device work (10)
+CAP = ServerSettings().device_max_in_flight
+POOL = ServerSettings().device_workers
+# Threads the test process may add besides the server's device workers: asyncio's default
+# executor (getaddrinfo for the async client), the server's general pool, metrics.
+SLACK = 16
+
+
+def context_of(running: RunningServer) -> ServerContext:
+    context: ServerContext = running.server.app.state.labd
+    return context
+
+
+@contextlib.contextmanager
+def hung_lab(count: int) -> Iterator[tuple[RunningServer, list[BlockingDevice]]]:
+    """A server with ``count`` BlockingDevices ``h0``..; all released (and drained) on exit."""
+    with running_server() as running:
+        running.daemon.register_plugins(devices={"Blocking": BlockingDevice})
+        devices = [running.daemon.add_device(f"h{i}", "Blocking", max_block=2 * WATCHDOG_S)
+                   for i in range(count)]
+        try:
+            yield running, devices
+        finally:
+            for device in devices:
+                device.release.set()
+            context = context_of(running)
+            watch_until(lambda: all(context.in_flight(f"h{i}") == 0 for i in range(count)),
+                        "the blocked calls to drain after the release")
+
+
+async def _fire(url: str, calls: list[tuple[str, str]], *, until_done: int,
+                ) -> tuple[list[asyncio.Task[httpx.Response]], httpx.AsyncClient]:
+    """Start every ``(device_id, query)`` call at once; return when ``until_done`` answered."""
+    http = httpx.AsyncClient(base_url=url, timeout=3 * WATCHDOG_S,
+                             limits=httpx.Limits(max_connections=len(calls) + 8))
+    tasks = [asyncio.create_task(http.post(f"/devices/{device_id}/call{query}",
+                                           json={"method": "block"}))
+             for device_id, query in calls]
+    deadline = time.monotonic() + WATCHDOG_S
+    while sum(task.done() for task in tasks) < until_done:
+        if time.monotonic() > deadline:
+            pytest.fail(f"only {sum(t.done() for t in tasks)} of {until_done} calls answered")
+        await asyncio.wait([t for t in tasks if not t.done()], timeout=0.05,
+                           return_when=asyncio.FIRST_COMPLETED)
+    return tasks, http
+
+
+def test_a_hung_device_takes_at_most_its_cap_of_threads_and_answers_503_beyond() -> None:
+    with hung_lab(1) as (running, (device,)):
+        context = context_of(running)
+        assert httpx.post(f"{running.url}/devices/h0/call", json={"method": "get_status"},
+                          timeout=WATCHDOG_S).json()["result"] == "ok"
+        baseline = threading.active_count()
+
+        async def scenario() -> None:
+            tasks, http = await _fire(running.url, [("h0", "")] * 50, until_done=50 - CAP)
+            try:
+                refused = [t.result() for t in tasks if t.done()]
+                assert len(refused) == 50 - CAP
+                for answer in refused:
+                    assert answer.status_code == 503, answer.text
+                    assert answer.headers["Retry-After"].isdigit()
+                    error = error_of(answer)
+                    assert error["type"] == "DeviceOverloaded"
+                    assert "'h0'" in error["message"]
+                    assert f"device_max_in_flight={CAP}" in error["message"]
+                    assert error["context"] == {"device_id": "h0", "max_in_flight": CAP}
+                assert device.entered.wait(WATCHDOG_S)
+                assert context.in_flight("h0") == CAP
+                assert threading.active_count() <= baseline + CAP + SLACK, \
+                    [t.name for t in threading.enumerate()]
+                device.release.set()
+                answers = await asyncio.wait_for(asyncio.gather(*tasks), WATCHDOG_S)
+                assert sorted(a.status_code for a in answers) == [200] * CAP + [503] * (50 - CAP)
+            finally:
+                await http.aclose()
+
+        asyncio.run(scenario())
+        watch_until(lambda: context.in_flight("h0") == 0, "the in-flight count to drop to 0")
+        after = httpx.post(f"{running.url}/devices/h0/call", json={"method": "block"},
+                           timeout=WATCHDOG_S)
+        assert after.json()["result"] == "released"
+
+
+def test_many_hung_devices_never_take_more_than_the_device_pool() -> None:
+    count = POOL // CAP + 1  # more calls in flight than the pool has threads
+    with hung_lab(count) as (running, devices):
+        context = context_of(running)
+        baseline = threading.active_count()
+        calls = [(f"h{i}", "") for i in range(count) for _ in range(CAP + 1)]
+
+        async def scenario() -> None:
+            tasks, http = await _fire(running.url, calls, until_done=count)
+            try:
+                assert sorted(t.result().status_code for t in tasks if t.done()) == [503] * count
+                watch_until(lambda: context.offloader.stats()["device"]["queued"]
+                            == count * CAP - POOL, "the calls beyond the pool to queue")
+                stats = context.offloader.stats()["device"]
+                assert stats["threads"] == stats["busy"] == POOL
+                assert threading.active_count() <= baseline + POOL + SLACK
+                for device in devices:
+                    device.release.set()
+                answers = await asyncio.wait_for(asyncio.gather(*tasks), WATCHDOG_S)
+                assert [a.status_code for a in answers].count(200) == count * CAP
+            finally:
+                await http.aclose()
+
+        asyncio.run(scenario())
+
+
+def test_a_call_answered_504_still_counts_in_flight_until_its_thread_returns() -> None:
+    with hung_lab(1) as (running, (device,)):
+        context = context_of(running)
+
+        async def scenario() -> None:
+            tasks, http = await _fire(running.url, [("h0", "?timeout=0.05")] * CAP,
+                                      until_done=CAP)
+            try:
+                assert [t.result().status_code for t in tasks] == [504] * CAP
+                assert context.in_flight("h0") == CAP
+                refused = await http.post("/devices/h0/call", json={"method": "get_status"})
+                assert refused.status_code == 503 and "Retry-After" in refused.headers
+            finally:
+                await http.aclose()
+
+        asyncio.run(scenario())
+        device.release.set()
+        watch_until(lambda: context.in_flight("h0") == 0, "the abandoned calls to return")
+        assert httpx.post(f"{running.url}/devices/h0/call", json={"method": "get_status"},
+                          timeout=WATCHDOG_S).status_code == 200
+
+
+def test_a_job_that_waited_out_its_timeout_in_the_pool_queue_never_runs() -> None:
+    shutdown = ShutdownSignal()
+    offloader = Offloader(shutdown, device_workers=1)
+    release, ran, exits = threading.Event(), [], []
+
+    def hold() -> str:
+        ran.append("hold")
+        return "held" if release.wait(WATCHDOG_S) else "gave up"
+
+    async def scenario() -> None:
+        first = asyncio.create_task(offloader.run(hold, timeout=None, what="hold", device=True,
+                                                  on_exit=lambda: exits.append("hold")))
+        await asyncio.sleep(0)  # `first` submits `hold` (FIFO: the one worker takes it)
+        with pytest.raises(ld.DeviceTimeoutError, match="was not started"):
+            await offloader.run(lambda: ran.append("late"), timeout=0.01, what="late",
+                                device=True, on_exit=lambda: exits.append("late"))
+        assert exits == ["late"], "a job taken out of the queue leaves the pool at once"
+        assert offloader.stats()["device"] == {"threads": 1, "busy": 1, "queued": 0,
+                                               "max_workers": 1}
+        release.set()
+        assert await asyncio.wait_for(first, WATCHDOG_S) == "held"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        assert offloader.close(timeout=WATCHDOG_S) == []
+    assert ran == ["hold"] and exits == ["late", "hold"]

@@ -1,8 +1,12 @@
 """What every route handler needs: the daemon, settings, the offloader, metrics, shutdown.
 
 One :class:`ServerContext` per app lives on ``app.state.labd``; handlers get it through the
-``Ctx`` dependency (see :mod:`labd.server.models`). It also keeps the per-device count of calls
-that outlived their request timeout, which drives ``DeviceInfo.unresponsive``.
+``Ctx`` dependency (see :mod:`labd.server.models`). It also keeps two per-device counts:
+calls in flight (running, or waiting for a worker or the device), capped at
+``device_max_in_flight`` so that a hung instrument holds a bounded number of threads (the
+next call gets 503 :class:`~labd.server.errors.DeviceOverloaded` with ``Retry-After``), and
+calls that outlived their request timeout, which drive ``DeviceInfo.unresponsive``. A call
+answered 504 still counts as in flight until its thread returns.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from starlette.requests import Request
 
 from labd.errors import LabDaemonException, UnknownNameError
-from labd.server.errors import device_fault
+from labd.server.errors import DeviceOverloaded, device_fault
 from labd.server.metrics import ServerMetrics
 from labd.server.offload import Offloader
 from labd.server.shutdown import ShutdownSignal
@@ -55,6 +59,7 @@ class ServerSettings:
     lease_max_ttl: float = 3600.0  # an HTTP lease (or renewal) may not ask for more
     device_max_in_flight: int = 4  # calls running or waiting per device; beyond: 503
     device_workers: int = 32  # threads running device code, over all devices
+    server_workers: int = 8  # threads running other blocking work (task info, run history)
 
 
 class ServerContext:
@@ -64,12 +69,15 @@ class ServerContext:
         self.daemon = daemon
         self.settings = settings
         self.shutdown = ShutdownSignal()
-        self.offloader = Offloader(self.shutdown)
+        self.offloader = Offloader(self.shutdown, device_workers=settings.device_workers,
+                                   server_workers=settings.server_workers)
         self.metrics = ServerMetrics(daemon)
         self.started_at = time.monotonic()
         self.endpoints: dict[str, str] = {}  # name -> "METHOD /path", for GET /
         self._late: dict[str, int] = {}
         self._late_lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
 
     def timeout(self, override: float | None) -> float:
         """The request timeout: the ``?timeout=`` override or the server default."""
@@ -82,15 +90,40 @@ class ServerContext:
     async def run_for_device(
         self, device_id: str, fn: Callable[[], T], *, what: str, timeout: float | None = None,
     ) -> T:
-        """Run device code on a worker; past the timeout answer 504 and flag the device.
+        """Run device code on a device worker; past the timeout answer 504 and flag the device.
 
-        The flag (``DeviceInfo.unresponsive``) clears when the last late call on it ends.
+        Beyond ``device_max_in_flight`` calls on this device (running or waiting) raise
+        :class:`DeviceOverloaded` (503) at once, before anything runs. The flag
+        (``DeviceInfo.unresponsive``) clears when the last late call on it ends.
         """
+        self._enter(device_id)
         return await self.offloader.run(
-            fn, timeout=self.timeout(timeout), what=what,
+            fn, timeout=self.timeout(timeout), what=what, device=True,
             on_timeout=lambda: self._count_late(device_id, +1),
             on_late=lambda: self._count_late(device_id, -1),
+            on_exit=lambda: self._leave(device_id),  # exactly once, even if never started
         )
+
+    def in_flight(self, device_id: str) -> int:
+        """Calls on ``device_id`` running or waiting right now (including abandoned ones)."""
+        with self._in_flight_lock:
+            return self._in_flight.get(device_id, 0)
+
+    def _enter(self, device_id: str) -> None:
+        cap = self.settings.device_max_in_flight
+        with self._in_flight_lock:
+            count = self._in_flight.get(device_id, 0)
+            if count >= cap:
+                raise DeviceOverloaded(device_id, cap)
+            self._in_flight[device_id] = count + 1
+
+    def _leave(self, device_id: str) -> None:
+        with self._in_flight_lock:
+            count = self._in_flight.get(device_id, 0) - 1
+            if count > 0:
+                self._in_flight[device_id] = count
+            else:
+                self._in_flight.pop(device_id, None)
 
     def _count_late(self, device_id: str, delta: int) -> None:
         with self._late_lock:

@@ -35,6 +35,7 @@ from labd.errors import (
 from labd.server.encoding import UnserializableResult
 
 __all__ = [
+    "DeviceOverloaded",
     "Forbidden",
     "PayloadTooLarge",
     "ServerStopping",
@@ -51,6 +52,24 @@ log = logging.getLogger("labd.server")
 
 class ServerStopping(LabDaemonException):
     """The server is stopping; the request was abandoned (HTTP 503 ``ServerStopping``)."""
+
+
+class DeviceOverloaded(LabDaemonException):
+    """The device already has the most calls in flight the server allows (HTTP 503).
+
+    The answer carries ``Retry-After`` (from :attr:`labd_headers`): the calls ahead of this
+    one are running or waiting for the device, maybe hung.
+    """
+
+    def __init__(self, device_id: str, cap: int, retry_after: int = 5) -> None:
+        super().__init__(
+            f"Device {device_id!r} already has {cap} call(s) in flight, the most this server "
+            f"allows per device (device_max_in_flight={cap}); they are running or waiting for "
+            f"the device, which may be hung. Retry after {retry_after} s, check the instrument "
+            "(GET /health names unresponsive devices), or start the server with a larger "
+            "device_max_in_flight.")
+        self.labd_context = {"device_id": device_id, "max_in_flight": cap}
+        self.labd_headers = {"Retry-After": str(retry_after)}
 
 
 class Unauthorized(LabDaemonException):
@@ -83,6 +102,7 @@ STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     DeviceNotConnectedError: (409, "device"),
     DeviceError: (502, "device"),
     DaemonClosedError: (503, "framework"),
+    DeviceOverloaded: (503, "framework"),
     ServerStopping: (503, "framework"),
     Unauthorized: (401, "framework"),
     Forbidden: (403, "framework"),

@@ -82,7 +82,8 @@ def render_exception(request: Request, exc: Exception) -> Response:
     context = getattr(request.app.state, "labd", None)
     if context is not None:
         context.metrics.count_error(status, record.type)
-    headers = getattr(exc, "headers", None) if isinstance(exc, HTTPException) else None
+    # HTTPException keeps its own headers; a labd exception may ask for some (Retry-After).
+    headers = getattr(exc, "headers" if isinstance(exc, HTTPException) else "labd_headers", None)
     return error_response(status, record, headers=dict(headers) if headers else None)
 
 
