@@ -1,8 +1,12 @@
-"""Build the FastAPI app for one daemon: routes, error handling, body limit, auth, CORS, lifespan.
+"""Build the FastAPI app for one daemon: routes, error handling, guards, auth, CORS, lifespan.
 
 ``create_app`` is all wiring; the behaviour lives in the route modules. The app works with
 uvicorn (:class:`labd.server.LabDaemonServer`) and with Starlette's ``TestClient`` — use the
-client as a context manager so the lifespan runs and worker threads are released.
+client as a context manager so the lifespan runs and worker threads are released (its
+``Host: testserver`` is the address its requests arrive at, so the Host check lets it in).
+
+Middleware, outermost first: the Host check (421), CORS, bearer tokens (401/403), JSON-only
+bodies (415), the body limit (413); see :mod:`labd.server.guards` and :mod:`labd.server.auth`.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -24,18 +28,25 @@ from labd.server import (
     routes_tasks,
     sse,
 )
-from labd.server.auth import BearerAuthMiddleware
+from labd.server.auth import BearerAuthMiddleware, required_role
 from labd.server.context import ServerContext, ServerSettings
 from labd.server.fastparse import document_call_body
+from labd.server.guards import HostGuard, JsonBodyGuard
 from labd.server.limits import BodyLimitMiddleware
 from labd.server.routing import endpoints_index, install_error_handlers, install_routes
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
 
-__all__ = ["create_app"]
+__all__ = ["BEARER_SCHEME", "create_app"]
 
 log = logging.getLogger("labd.server")
+
+#: The OpenAPI security scheme of a server with tokens (Swagger UI's "Authorize" button).
+BEARER_SCHEME: dict[str, Any] = {
+    "bearerAuth": {"type": "http", "scheme": "bearer",
+                   "description": "A token from the server's tokens file (docs/http-api.md)."},
+}
 
 ROUTES = [
     *routes_meta.ROUTES,
@@ -80,7 +91,11 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     install_error_handlers(app)
     install_routes(app, ROUTES)
     document_call_body(app)
+    if settings.tokens is not None:
+        _declare_bearer_auth(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Inside auth: a stranger learns nothing, not even which bodies this server takes.
+    app.add_middleware(JsonBodyGuard)
     if settings.tokens is not None:
         # Outside the body limit (a stranger's body is never read), inside CORS (preflights
         # need no token, and 401 answers carry CORS headers).
@@ -89,4 +104,25 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
         # Added last, so it is outermost: error answers carry CORS headers too.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["*"], allow_headers=["*"])
+    # Outermost: a request for a host this server does not serve gets nothing else.
+    app.add_middleware(HostGuard, bind_host=settings.bind_host,
+                       allowed_hosts=settings.allowed_hosts)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """Declare the bearer scheme in ``/openapi.json``: required globally, optional on open paths."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {})["securitySchemes"] = BEARER_SCHEME
+            schema["security"] = [{"bearerAuth": []}]
+            for path, operations in schema.get("paths", {}).items():
+                for method, operation in operations.items():
+                    if required_role(method.upper(), path) is None:
+                        operation["security"] = [{}, {"bearerAuth": []}]  # token optional
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]

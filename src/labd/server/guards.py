@@ -1,0 +1,235 @@
+"""Guards against the browser on the lab PC: JSON-only bodies (415) and the Host check (421).
+
+A web page a lab member opens can send requests to ``http://127.0.0.1:5000`` without a token.
+Two ASGI middlewares, installed on every app by :func:`labd.server.create_app`, take away
+what such a page could do. They run before routing, so the hand-parsed ``/call`` route is
+covered like every other route.
+
+:class:`JsonBodyGuard` (HTTP 415 ``UnsupportedMediaType``)
+    A POST, PUT, PATCH or DELETE whose request has a body (``Content-Length`` above 0 or
+    ``Transfer-Encoding``) or declares one (a ``Content-Type`` header) must say
+    ``Content-Type: application/json``, optionally with ``; charset=utf-8``. Browsers send
+    ``text/plain``, form and multipart bodies cross-site without asking first (no CORS
+    preflight); an ``application/json`` body needs a preflight, which a server without CORS
+    origins never grants. A bodiless POST (no ``Content-Type``, no body), such as
+    ``POST /tasks/{id}/cancel``, stays allowed.
+
+:class:`HostGuard` (HTTP 421 ``MisdirectedRequest``)
+    DNS rebinding: a page from ``evil.example`` re-points that name at 127.0.0.1 and then
+    reads the answers as same-origin. The page's requests still carry ``Host: evil.example``,
+    so the server answers only Host names it serves (ports ignored, case-insensitive):
+
+    * ``localhost``, ``127.0.0.1``, ``::1`` (``[::1]``);
+    * the bind address (``ServerSettings.bind_host``, e.g. ``labd serve --host``);
+    * the address the connection actually arrived at. A server bound to ``0.0.0.0`` or
+      ``::`` thus answers clients that use this machine's IP addresses (a rebinding page
+      always sends its own *name*, never an IP address, so this opens nothing);
+    * the names in ``ServerSettings.allowed_hosts`` (``labd serve --allow-host NAME``, the
+      config key ``allowed_hosts = [...]``, ``LabDaemonServer(allowed_hosts=[...])``). A
+      server reached by a host name (``labpc.example.org``) must list it; ``"*"`` turns the
+      check off (behind a reverse proxy that checks Host itself).
+
+    A request without a ``Host`` header (HTTP/1.0 tools) is let through: browsers always
+    send one, so it cannot come from a rebinding page.
+
+Refusals are error records like every other error answer, counted in ``/metrics``; nothing
+reaches a route, so nothing changes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from labd.errors import ErrorRecord, InvalidArgumentError
+from labd.server.errors import error_response
+
+__all__ = [
+    "ALWAYS_ALLOWED_HOSTS",
+    "HostGuard",
+    "JsonBodyGuard",
+    "host_name",
+    "is_wildcard_address",
+    "json_media_type_problem",
+    "normalize_allowed_hosts",
+]
+
+log = logging.getLogger("labd.server")
+
+#: Host names every server answers (besides its bind address and allowed_hosts).
+ALWAYS_ALLOWED_HOSTS: frozenset[str] = frozenset({"localhost", "127.0.0.1", "::1"})
+_WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::", ""})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_JSON = "application/json"
+_CHARSETS = frozenset({"utf-8", "utf8"})
+_ALLOW_HOW = "start labd serve with --allow-host NAME or add it to allowed_hosts"
+
+
+def host_name(value: str) -> str:
+    """The host of a ``Host`` header or address, lower-case, without port, brackets, final dot.
+
+    Example: ``host_name("[::1]:5000") == "::1"``, ``host_name("LabPC.:80") == "labpc"``.
+    """
+    value = value.strip().lower()
+    if value.startswith("["):  # [v6]:port
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:  # name:port or v4:port; more colons: a bare IPv6 address
+        value = value.partition(":")[0]
+    value = value.rstrip(".")
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return value
+    # "::ffff:10.0.0.5" (a dual-stack socket's view of an IPv4 client) is 10.0.0.5.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+def is_wildcard_address(host: str) -> bool:
+    """True for ``0.0.0.0``, ``::`` and the empty host: listening on every interface."""
+    return host_name(host) in _WILDCARD_ADDRESSES or host.strip() in _WILDCARD_ADDRESSES
+
+
+def normalize_allowed_hosts(names: Iterable[object]) -> tuple[str, ...]:
+    """Check ``allowed_hosts`` entries and return them as :func:`host_name` gives them.
+
+    Raises :class:`InvalidArgumentError` naming the first bad entry and what is valid.
+    """
+    if isinstance(names, str | bytes):
+        raise InvalidArgumentError(
+            f"allowed_hosts must be a list of host names such as ['labpc.example.org'], got the "
+            f"single string {names!r}; wrap it in a list.")
+    normalized = []
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidArgumentError(
+                f"allowed_hosts: each entry must be a host name such as 'labpc.example.org' "
+                f"(or '*' for any), got {name!r}.")
+        if "/" in name or any(ch.isspace() for ch in name.strip()) or "@" in name:
+            raise InvalidArgumentError(
+                f"allowed_hosts: {name!r} is not a host name; give the name alone, without "
+                "scheme, path or spaces, e.g. 'labpc.example.org' (a port is ignored).")
+        normalized.append("*" if name.strip() == "*" else host_name(name))
+    return tuple(dict.fromkeys(normalized))
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _refuse(
+    scope: Scope, receive: Receive, send: Send, status: int, kind: str, message: str,
+    context: dict[str, object],
+) -> None:
+    record = ErrorRecord(type=kind, message=message, origin="framework", context=context)
+    labd_context = getattr(getattr(scope.get("app"), "state", None), "labd", None)
+    if labd_context is not None:
+        labd_context.metrics.count_error(status, kind)
+    await error_response(status, record)(scope, receive, send)
+
+
+# ---------------------------------------------------------------------- 415
+def _has_body(scope: Scope) -> bool:
+    length = _header(scope, b"content-length")
+    if length is not None:
+        try:
+            return int(length) > 0
+        except ValueError:
+            return True  # the HTTP server refuses a malformed length itself
+    return _header(scope, b"transfer-encoding") is not None
+
+
+def json_media_type_problem(content_type: str | None) -> str | None:
+    """Why ``content_type`` is not ``application/json[; charset=utf-8]``, or None if it is."""
+    if content_type is None:
+        return "no Content-Type"
+    media_type, *params = (part.strip() for part in content_type.split(";"))
+    if media_type.lower() != _JSON:
+        return f"Content-Type {content_type.strip()!r}"
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() != "charset" or value.strip().strip('"').lower() not in _CHARSETS:
+            return f"Content-Type {content_type.strip()!r} (parameter {param!r})"
+    return None
+
+
+class JsonBodyGuard:
+    """ASGI middleware: bodies of state-changing requests are JSON or refused with 415.
+
+    See the module docstring.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        content_type = _header(scope, b"content-type")
+        if content_type is None and not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        problem = json_media_type_problem(content_type)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        log.info("labd server: refused %s %s with %s (415)", method, path, problem)
+        await _refuse(
+            scope, receive, send, 415, "UnsupportedMediaType",
+            f"{method} {path} sent a body with {problem}; this server accepts request bodies "
+            "only as JSON: send 'Content-Type: application/json' (optionally with "
+            "'; charset=utf-8'), or no body at all.",
+            {"content_type": content_type, "accepted": [_JSON, f"{_JSON}; charset=utf-8"]},
+        )
+
+
+# ---------------------------------------------------------------------- 421
+class HostGuard:
+    """ASGI middleware: answer only ``Host`` names this server serves, else 421.
+
+    ``bind_host`` is the address the server listens on; ``allowed_hosts`` extra names (``*``:
+    any). See the module docstring for the full rule.
+    """
+
+    def __init__(self, app: ASGIApp, bind_host: str, allowed_hosts: Iterable[str] = ()) -> None:
+        self.app = app
+        allowed = normalize_allowed_hosts(allowed_hosts)
+        self.any_host = "*" in allowed
+        self.allowed = frozenset({*ALWAYS_ALLOWED_HOSTS, *allowed, host_name(bind_host)})
+
+    def allows(self, host: str, local_address: str | None = None) -> bool:
+        """True if a request with ``Host: host`` that arrived at ``local_address`` is served."""
+        if self.any_host:
+            return True
+        name = host_name(host)
+        return name in self.allowed or (
+            local_address is not None and name == host_name(local_address))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = _header(scope, b"host")
+        server = scope.get("server")
+        local = str(server[0]) if server else None
+        if host is None or self.allows(host, local):
+            await self.app(scope, receive, send)
+            return
+        name = host_name(host)[:255]
+        log.warning("labd server: refused %s %s for Host %r (421; not an allowed host)",
+                    scope["method"], scope["path"], host[:200])
+        await _refuse(
+            scope, receive, send, 421, "MisdirectedRequest",
+            f"This labd server does not serve the host {name!r} (the request's Host header); "
+            "it answers localhost, 127.0.0.1, [::1], its own addresses and the names it was "
+            f"told to allow. If {name!r} is a name of this machine, {_ALLOW_HOW}.",
+            {"host": name},
+        )
