@@ -1,13 +1,23 @@
 """Optional bearer tokens with roles: who may do what on a labd server.
 
-A server made with ``tokens=`` answers a request (except ``GET /health``, for monitoring) only
-if it carries ``Authorization: Bearer <token>``; GET requests may send ``?access_token=<token>``
+A server made with ``tokens=`` answers a request (except the open paths below) only if it
+carries ``Authorization: Bearer <token>``; GET requests may send ``?access_token=<token>``
 instead, because a browser's EventSource cannot set headers. Each token speaks for a user with
 a role, and each role includes the ones before it::
 
-    viewer    every GET: devices, tasks, leases, runs, metrics, the SSE streams
-    operator  every other method: calls, connect/disconnect, tasks, own leases, stream stop
+    viewer    every GET: devices, tasks, leases, runs, metrics, the SSE streams;
+              POST /devices/{id}/call (the route itself lets viewers call queries only)
+    operator  every other method: commands, connect/disconnect, tasks, own leases, stream stop
     admin     POST /devices (add devices), and breaking someone else's lease
+
+Open paths (GET and HEAD, no token needed): ``/health`` for monitoring, which answers
+anonymous callers with the status and counts only (a valid token gets the full body), and the
+API description ``/openapi.json``, ``/docs``, ``/docs/oauth2-redirect`` and ``/redoc``. The
+description holds no secrets (it is the same for every labd of a version), and Swagger UI
+fetches ``/openapi.json`` without a token, so ``/docs`` could not load otherwise; once loaded,
+its "Authorize" button takes a token (the description declares the ``bearerAuth`` scheme).
+A valid token sent to an open path is honoured (the route sees its user); an unknown one is
+ignored there, never a 401, so a monitor never fails for a stale token.
 
 :class:`BearerAuthMiddleware` is the one gate. Before routing it answers 401 ``Unauthorized``
 (no token, or one it does not know) or 403 ``Forbidden`` (:func:`required_role` says the role
@@ -18,6 +28,7 @@ routes need more (who holds *this* lease); they ask :meth:`Token.require`.
 
 Tokens are kept only as SHA-256 digests, compared with :func:`hmac.compare_digest`, and
 removed from the request before it reaches a route; they never appear in answers, logs or reprs.
+:func:`load_tokens` logs a warning when the file is open to group or others.
 """
 
 from __future__ import annotations
@@ -25,10 +36,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
+import shlex
+import stat
 import tomllib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,6 +65,7 @@ __all__ = [
     "current_token",
     "load_tokens",
     "required_role",
+    "tokens_file_exposure",
 ]
 
 log = logging.getLogger("labd.server")
@@ -68,11 +83,11 @@ _USER_HELP = "1 to 128 letters, digits or the characters _ . @ + -"
 # RFC 6750 b64token: what fits in "Authorization: Bearer <token>".
 _TOKEN_PATTERN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# GET only: monitoring needs no token, and the API description is not a secret (Swagger UI
-# fetches /openapi.json without a token, so /docs would not load otherwise).
+# GET and HEAD only; see the module docstring for why these are open.
 _OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
 _QUERY_TOKEN = "access_token"
 _LEASE_PATH = re.compile(r"/leases/[^/]+")
+_CALL_PATH = re.compile(r"/devices/[^/]+/call")
 _DROPPED_HEADERS = frozenset({b"authorization", b"x-labd-owner"})
 
 
@@ -201,10 +216,14 @@ class TokenTable:
         return f"<TokenTable {self.describe()}>"
 
 
-def load_tokens(path: str | Path) -> TokenTable:
+def load_tokens(
+    path: str | Path, *, on_exposed: Callable[[str], object] | None = None,
+) -> TokenTable:
     """Read a TOML tokens file: ``[tokens]`` with ``"<token>" = { user = "...", role = "..." }``.
 
-    Raises :class:`InvalidArgumentError` naming the file and the entry (never the token).
+    Raises :class:`InvalidArgumentError` naming the file and the entry (never the token). A
+    file open to group or others (see :func:`tokens_file_exposure`) is loaded with a warning:
+    logged, or given to ``on_exposed`` instead (``labd serve`` prints it).
 
     Example file::
 
@@ -215,6 +234,7 @@ def load_tokens(path: str | Path) -> TokenTable:
     path = Path(path)
     try:
         with path.open("rb") as file:
+            exposure = tokens_file_exposure(file.fileno(), path)
             document = tomllib.load(file)
     except OSError as exc:
         raise InvalidArgumentError(f"tokens file {str(path)!r}: cannot read it ({exc.strerror}).") from None
@@ -232,9 +252,36 @@ def load_tokens(path: str | Path) -> TokenTable:
         where = f"tokens file {str(path)!r}: token #{position}"
         tokens[secret] = _token_entry(entry, where)
     try:
-        return TokenTable(tokens)
+        loaded = TokenTable(tokens)
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"tokens file {str(path)!r}: {exc}") from None
+    if exposure is not None:
+        if on_exposed is None:
+            log.warning("labd auth: %s", exposure)
+        else:
+            on_exposed(exposure)
+    return loaded
+
+
+def tokens_file_exposure(file: int | str | Path, path: str | Path | None = None) -> str | None:
+    """Why the tokens file (a path or an open descriptor) is readable by others, or None.
+
+    A file whose mode gives group or others any access is a warning (not an error: on a
+    single-user PC it may be fine); on Windows mode bits say nothing, so this is None there.
+
+    Example: ``tokens_file_exposure("tokens.toml")`` -> ``"tokens file 'tokens.toml' is
+    open to group and others (mode 0644): ... chmod 600 tokens.toml"``.
+    """
+    if os.name == "nt":
+        return None
+    mode = os.fstat(file).st_mode if isinstance(file, int) else os.stat(file).st_mode
+    if not mode & 0o077:
+        return None
+    who = " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if mode & bits)
+    name = str(path if path is not None else file)
+    return (f"tokens file {name!r} is open to {who} (mode {stat.S_IMODE(mode):04o}): "
+            "anyone who can read it can use its tokens; make it private with "
+            f"chmod 600 {shlex.quote(name)}")
 
 
 def _token_entry(entry: object, where: str) -> Token:
@@ -254,13 +301,16 @@ def required_role(method: str, path: str, query: bytes = b"") -> str | None:
 
     Whether a lease is someone else's needs the lease itself: the lease routes check that.
 
-    Example: ``required_role("POST", "/devices") == "admin"``.
+    Example: ``required_role("POST", "/devices") == "admin"``. ``POST /devices/{id}/call``
+    needs only ``viewer`` here: which method is called decides, so the route checks the rest.
     """
     path = path.rstrip("/") or "/"
     if method in _READ_METHODS:
         return None if path in _OPEN_PATHS and method != "OPTIONS" else "viewer"
     if method == "POST" and path == "/devices":
         return "admin"
+    if method == "POST" and _CALL_PATH.fullmatch(path):
+        return "viewer"  # queries are a viewer's; the route refuses their commands (403)
     if method == "DELETE" and _LEASE_PATH.fullmatch(path) and _has_param(query, "reason"):
         return "admin"  # ending a lease with a reason breaks it
     return "operator"
@@ -345,11 +395,13 @@ class BearerAuthMiddleware:
         method, path = scope["method"], scope["path"]
         query, query_token = _split_query(scope.get("query_string", b""))
         needed = required_role(method, path, query)
-        if needed is None:
-            await self.app(scope, receive, send)
-            return
         presented, problem = _presented_token(scope, query_token)
         token = self.tokens.lookup(presented) if presented is not None else None
+        if needed is None:
+            # Open to anyone; a valid token still says who calls (the full /health body).
+            await self.app(scope if token is None else _as_user(scope, token, query),
+                           receive, send)
+            return
         if token is None:
             challenge = 'Bearer realm="labd"' + (', error="invalid_token"' if presented else "")
             log.info("labd auth: refused %s %s (%s)", method, path,

@@ -1,4 +1,8 @@
-"""``/``, ``/health`` and ``/metrics``: what this server is, whether it is alive, its numbers."""
+"""``/``, ``/health`` and ``/metrics``: what this server is, whether it is alive, its numbers.
+
+``/health`` is open to anyone (monitoring). On a server with tokens, a caller without a valid
+token gets the status and counts only: no store path, no error texts, no device names.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,13 @@ import time
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
 from starlette.responses import Response
 
 import labd
 from labd.devices import DeviceState
 from labd.errors import UnknownNameError, utc_now_iso
+from labd.server.auth import current_token
 from labd.server.context import ServerContext
 from labd.server.models import Ctx
 from labd.server.routing import RouteSpec, json_response
@@ -71,24 +77,34 @@ def _device_problems(ctx: ServerContext) -> dict[str, str]:
     return problems
 
 
-async def health(ctx: Ctx) -> Response:
+def _status(ctx: ServerContext, store_degraded: bool, device_problems: dict[str, str]) -> str:
+    if ctx.daemon.closed:
+        return "daemon_closed"
+    return "degraded" if store_degraded or device_problems else "healthy"
+
+
+async def health(ctx: Ctx, request: Request) -> Response:
     """Liveness: answers at once even while instruments hang (503 once the daemon shut down).
 
     ``status`` is ``degraded`` (still 200) while the run store cannot write its history, or
     while a device is unresponsive, faulted or still connecting; ``device_problems`` then
-    names each such device and why (``{}`` when all is well).
+    names each such device and why (``{}`` when all is well). With tokens configured, a
+    caller without a valid token gets ``status``, ``devices`` and ``tasks_running`` only.
     """
     daemon = ctx.daemon
     running = sum(1 for handle in daemon.task_handles() if handle.status in ("running", "paused"))
-    store = await _store_health(ctx)
     device_problems = _device_problems(ctx)
-    status = "healthy"
-    if daemon.closed:
-        status = "daemon_closed"
-    elif (store is not None and store["degraded"]) or device_problems:
-        status = "degraded"
+    http_status = 200 if not daemon.closed else 503
+    if ctx.settings.tokens is not None and current_token(request) is None:
+        store_degraded = daemon.store is not None and daemon.store.degraded_reason is not None
+        return json_response({
+            "status": _status(ctx, store_degraded, device_problems),
+            "devices": len(daemon.device_ids()),
+            "tasks_running": running,
+        }, status_code=http_status)
+    store = await _store_health(ctx)
     body = {
-        "status": status,
+        "status": _status(ctx, store is not None and store["degraded"], device_problems),
         "timestamp": utc_now_iso(),
         "uptime_s": round(time.monotonic() - ctx.started_at, 3),
         "devices": len(daemon.device_ids()),
@@ -96,7 +112,7 @@ async def health(ctx: Ctx) -> Response:
         "tasks_running": running,
         "store": store,
     }
-    return json_response(body, status_code=200 if not daemon.closed else 503)
+    return json_response(body, status_code=http_status)
 
 
 async def metrics(ctx: Ctx) -> Response:
