@@ -447,6 +447,44 @@ def test_a_connect_past_connect_timeout_leaves_the_device_faulted_and_the_rest_c
         sys.modules[hanging].GATE.set()
 
 
+def test_server_settings_are_read_into_server_options(write: Callable[..., Path]) -> None:
+    config = load_config(write("""
+        allowed_hosts = ["labpc.example.org", "10.0.0.5"]
+        lease_max_ttl = 600
+        lease_default_ttl = 10.5
+        stream_max_clients = 5
+        device_max_in_flight = 2
+    """))
+    assert config.server_options == {
+        "allowed_hosts": ("labpc.example.org", "10.0.0.5"), "lease_max_ttl": 600.0,
+        "lease_default_ttl": 10.5, "stream_max_clients": 5, "device_max_in_flight": 2}
+    assert load_config(write("connect = true\n")).server_options == {}
+
+
+@pytest.mark.parametrize(("line", "key", "fragment"), [
+    ('allowed_hosts = "labpc"', "allowed_hosts", "must be a list of host names"),
+    ('allowed_hosts = ["http://labpc/"]', "allowed_hosts", "is not a host name"),
+    ("allowed_hosts = [3]", "allowed_hosts", "is not a host name"),
+    ("lease_max_ttl = 0", "lease_max_ttl", "must be a positive, finite number of seconds"),
+    ("lease_max_ttl = inf", "lease_max_ttl", "must be a positive, finite number of seconds"),
+    ('max_request_timeout = "1h"', "max_request_timeout", "must be a positive, finite number"),
+    ("stream_max_clients = 0", "stream_max_clients", "must be a positive whole number"),
+    ("device_max_in_flight = 2.5", "device_max_in_flight", "must be a positive whole number"),
+    ("device_workers = true", "device_workers", "must be a positive whole number"),
+])
+def test_bad_server_settings_are_one_line_errors(
+    write: Callable[..., Path], line: str, key: str, fragment: str,
+) -> None:
+    path = write(line + "\n")
+    _assert_one_line(_error(path), path, f"{path}: {key}: ", fragment)
+
+
+def test_an_unknown_top_level_key_lists_the_server_settings_too(write: Callable[..., Path]) -> None:
+    path = write("allow_hosts = []\n")
+    _assert_one_line(_error(path), path, "allow_hosts: unknown top-level key",
+                     "allowed_hosts", "lease_max_ttl", "device_max_in_flight")
+
+
 def test_name_taken_by_another_class(
     daemon: labd.LabDaemon, drivers: str, write: Callable[..., Path]
 ) -> None:

@@ -7,6 +7,8 @@ Two kinds of file:
 
       connect = true                       # optional: connect every device after adding it
       connect_timeout = 10                 # optional: seconds a connect() may take (default 10)
+      allowed_hosts = ["labpc.example.org"]  # optional: server settings (SERVER_KEYS), given
+      lease_max_ttl = 600                  #   to LabDaemonServer by ``labd serve``
 
       [tasks]
       Sweep = "mylab.tasks:Sweep"
@@ -29,6 +31,11 @@ Two kinds of file:
 A ``connect()`` that does not return within ``connect_timeout`` seconds (``inf``: no limit)
 leaves its device ``faulted`` with the reason, and the rest of the lab is served: one hung
 instrument never keeps ``labd serve`` from starting.
+
+The server settings (:data:`SERVER_KEYS`: the Host names to answer besides localhost and the
+machine's addresses, and the limits on leases, SSE clients and calls in flight) are read into
+:attr:`LabConfig.server_options`; ``labd serve`` passes them to the server, its own options
+winning (``--allow-host`` names are added to the file's).
 
 Module paths are also looked up next to the config file, so a ``mylab/`` package beside
 ``lab.toml`` works without installing it. Every problem is a :class:`ConfigError` whose
@@ -69,6 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
+    "SERVER_KEYS",
     "ConfigError",
     "DeviceConfig",
     "LabConfig",
@@ -76,8 +84,22 @@ __all__ = [
     "load_config",
 ]
 
+#: Server settings a TOML config may give, each with what it must be (LabDaemonServer's
+#: keyword arguments of the same names check the ranges again).
+SERVER_KEYS: dict[str, str] = {
+    "allowed_hosts": "hosts",  # Host names answered besides localhost and the bind address
+    "max_request_timeout": "seconds",  # largest ?timeout= a request may ask for
+    "lease_default_ttl": "seconds",  # an HTTP lease without ttl lasts this long
+    "lease_max_ttl": "seconds",  # the longest an HTTP lease (or renewal) may ask for
+    "stream_max_clients": "count",  # SSE clients per stream
+    "stream_max_clients_total": "count",  # SSE clients over all streams
+    "stream_max_maxsize": "count",  # largest ?maxsize= an SSE client may ask for
+    "device_max_in_flight": "count",  # calls running or waiting per device
+    "device_workers": "count",  # threads running device code, over all devices
+}
 #: Top-level keys a TOML config may use.
-TOP_LEVEL_KEYS = ("connect", "connect_timeout", "device_types", "devices", "tasks")
+TOP_LEVEL_KEYS = ("connect", "connect_timeout", "device_types", "devices", "tasks",
+                  *SERVER_KEYS)
 #: Seconds a device's connect() may take when neither the config nor the caller says.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Keys of a ``[devices.<id>]`` table that are not constructor parameters.
@@ -126,6 +148,8 @@ class LabConfig:
     setup: Callable[[Any], object] | None = None
     #: The file's ``connect_timeout`` in seconds (None: not given; ``inf`` in the file: no limit).
     connect_timeout: float | None = None
+    #: The file's server settings (:data:`SERVER_KEYS` it gives), as LabDaemonServer keywords.
+    server_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- loading
@@ -181,7 +205,42 @@ def _load_toml(file: Path) -> LabConfig:
     for name, cls in more_types.items():
         _add_type(file, device_types, name, cls)
     return LabConfig(path=file, device_types=device_types, task_types=tasks, devices=devices,
-                     connect_timeout=connect_timeout)
+                     connect_timeout=connect_timeout, server_options=_server_options(file, data))
+
+
+def _server_options(file: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`SERVER_KEYS` the file gives, each checked for its kind."""
+    options: dict[str, Any] = {}
+    for key, kind in SERVER_KEYS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if kind == "hosts":
+            options[key] = _host_names(file, key, value)
+        elif kind == "seconds":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    0 < value < math.inf):
+                raise ConfigError(
+                    file, key, f"must be a positive, finite number of seconds, got {value!r}")
+            options[key] = float(value)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(file, key, f"must be a positive whole number, got {value!r}")
+        else:
+            options[key] = value
+    return options
+
+
+def _host_names(file: Path, key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            file, key, f'must be a list of host names like ["labpc.example.org"], got {value!r}')
+    for name in value:
+        if not isinstance(name, str) or not name.strip() or "/" in name or " " in name.strip():
+            raise ConfigError(
+                file, key,
+                f'{name!r} is not a host name; give names alone, like ["labpc.example.org"] '
+                '(no scheme or path; "*" allows any host)')
+    return tuple(name.strip() for name in value)
 
 
 def _connect_timeout(file: Path, value: object) -> float | None:

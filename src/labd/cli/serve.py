@@ -1,9 +1,15 @@
-"""``labd serve [CONFIG] [--demo] [--tokens FILE]``: a daemon from a config file, over HTTP, until Ctrl-C."""
+"""``labd serve [CONFIG] [--demo] [--tokens FILE]``: a daemon from a config file, over HTTP, until Ctrl-C.
+
+Server settings come from the options here, else the config file's keys of the same names
+(``allowed_hosts``, ``lease_max_ttl``, ``stream_max_clients``, ``device_max_in_flight``, ...;
+see :data:`labd.config.SERVER_KEYS`); ``--allow-host`` names are added to the file's. All are
+checked before the lab is built, so a bad value is one line and changes nothing.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
@@ -31,6 +37,7 @@ __all__ = ["MIN_DB_BYTES", "serve"]
 #: The smallest size cap a run store accepts (labd.store.RunStore's max_bytes).
 MIN_DB_BYTES = 64 * 1024
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_WILDCARD = ("0.0.0.0", "::", "")
 
 
 @reports_errors
@@ -81,6 +88,49 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="A host name clients use to reach this server (repeatable), e.g. "
+            "labpc.example.org. Requests naming other hosts get 421 (DNS rebinding); "
+            "localhost, 127.0.0.1, [::1] and the --host address are always allowed, and with "
+            "--host 0.0.0.0 also this machine's IP addresses. '*' allows any host (only behind "
+            "a proxy that checks Host itself). Added to the config's allowed_hosts.",
+            metavar="NAME",
+            show_default=False,
+        ),
+    ] = None,
+    max_lease_ttl: Annotated[
+        float | None,
+        typer.Option(
+            "--max-lease-ttl",
+            help="Longest lease (seconds) a client may ask for; leases without a ttl last 30 s. "
+            "Default: the config's lease_max_ttl, else 3600.",
+            metavar="SECONDS",
+            show_default=False,
+        ),
+    ] = None,
+    stream_max_clients: Annotated[
+        int | None,
+        typer.Option(
+            "--stream-max-clients",
+            help="SSE clients per stream; the next one gets 503. Default: the config's "
+            "stream_max_clients, else 100.",
+            metavar="N",
+            show_default=False,
+        ),
+    ] = None,
+    device_max_in_flight: Annotated[
+        int | None,
+        typer.Option(
+            "--device-max-in-flight",
+            help="Calls running or waiting per device; the next one gets 503 with Retry-After. "
+            "Default: the config's device_max_in_flight, else 4.",
+            metavar="N",
+            show_default=False,
+        ),
+    ] = None,
     tokens_file: Annotated[
         Path | None,
         typer.Option(
@@ -102,6 +152,9 @@ def serve(
     max_bytes = _size_cap(db_max_size)
     tokens = _load_tokens(tokens_file)
     lab_config = load_config(config) if config is not None else None
+    options = _server_options(
+        host, lab_config, allow_host=allow_host, lease_max_ttl=max_lease_ttl,
+        stream_max_clients=stream_max_clients, device_max_in_flight=device_max_in_flight)
     if lab_config is None and not demo:
         print_note(
             "no CONFIG and no --demo: serving an empty lab (add devices with "
@@ -127,8 +180,9 @@ def serve(
         if lab_config is not None:
             _announce_connects(lab_config, connect_timeout)
             apply_config(daemon, lab_config, connect_timeout=connect_timeout)
-        server = serve_in_background(daemon, host, port, tokens=tokens)
-        _print_banner(daemon, str(server.url), host, store, tokens)
+        server = serve_in_background(daemon, host, port, tokens=tokens, options=options)
+        _print_banner(daemon, str(server.url), host, store, tokens,
+                      allowed_hosts=options.get("allowed_hosts", ()))
         wait_for_interrupt()
         console.print("stopping...")
     finally:
@@ -147,6 +201,45 @@ def _announce_connects(config: LabConfig, connect_timeout: float | None) -> None
     limit = "no time limit" if seconds == float("inf") else f"up to {seconds:g} s each"
     console.print(f"connecting {len(to_connect)} device(s) ({', '.join(to_connect)}; {limit})...",
                   soft_wrap=True)
+
+
+#: CLI option -> (server keyword, what it must be), for one-line errors naming the option.
+_NUMERIC_OPTIONS = {
+    "--max-lease-ttl": ("lease_max_ttl", "a positive number of seconds"),
+    "--stream-max-clients": ("stream_max_clients", "a positive whole number"),
+    "--device-max-in-flight": ("device_max_in_flight", "a positive whole number"),
+}
+
+
+def _server_options(
+    host: str, config: LabConfig | None, *, allow_host: list[str] | None, **given: Any,
+) -> dict[str, Any]:
+    """LabDaemonServer keywords from the config and the options (these win), all checked."""
+    options = dict(config.server_options) if config is not None else {}
+    for option, (key, valid) in _NUMERIC_OPTIONS.items():
+        value = given.get(key)
+        if value is None:
+            continue
+        if not 0 < value < float("inf"):
+            raise CliError(f"{option} must be {valid}, got {value!r}", EXIT_USAGE)
+        options[key] = value
+    if allow_host:
+        options["allowed_hosts"] = (*options.get("allowed_hosts", ()), *allow_host)
+    try:
+        from labd.server.lifecycle import server_settings
+    except ImportError as exc:
+        raise CliError(f"serving needs labd's `server` extra ({exc}); install it with "
+                       "pip install 'labd[server]'") from None
+    from labd.errors import InvalidArgumentError
+
+    try:
+        settings = server_settings(host, **options)
+    except InvalidArgumentError as exc:
+        source = f" (from {config.path} and the options)" if config is not None else ""
+        raise CliError(f"server settings{source}: {exc}", EXIT_USAGE) from None
+    if "allowed_hosts" in options:
+        options["allowed_hosts"] = settings.allowed_hosts
+    return options
 
 
 def _size_cap(text: str | None) -> int | None:
@@ -170,13 +263,14 @@ def _load_tokens(path: Path | None) -> TokenTable | None:
     from labd.errors import InvalidArgumentError
 
     try:
-        return load_tokens(path)
+        return load_tokens(path, on_exposed=lambda problem: print_note("warning: " + problem))
     except InvalidArgumentError as exc:
         raise CliError(f"--tokens: {exc}", EXIT_USAGE) from None
 
 
 def _print_banner(
     daemon: LabDaemon, url: str, host: str, store: RunStore | None, tokens: TokenTable | None,
+    *, allowed_hosts: tuple[str, ...] = (),
 ) -> None:
     device_ids = daemon.device_ids()
     console.print(
@@ -194,6 +288,7 @@ def _print_banner(
     console.print(f"  history:   {store.path if store is not None else 'in memory (--no-db)'}",
                   soft_wrap=True)
     console.print(f"  auth:      {tokens.describe() if tokens is not None else 'off (no --tokens)'}")
+    console.print(f"  hosts:     {_hosts_line(host, allowed_hosts)}", soft_wrap=True)
     for device_id in device_ids:
         info = daemon.device_info(device_id)
         if info["state"] == "faulted":
@@ -207,3 +302,17 @@ def _print_banner(
         print_note(f"listening on {host} with no --tokens: anyone who can reach this machine "
                    "can control the lab")
     console.print("Press Ctrl-C to stop.", style="dim")
+
+
+def _hosts_line(host: str, allowed_hosts: tuple[str, ...]) -> str:
+    """Which Host names the server answers (the others get 421), for the banner."""
+    if "*" in allowed_hosts:
+        return "any (allowed_hosts has '*'; the Host check is off)"
+    names = ["localhost", "127.0.0.1", "[::1]"]
+    if host in _WILDCARD:
+        names.append("this machine's IP addresses")
+    elif host not in _LOOPBACK:
+        names.append(host)
+    names.extend(allowed_hosts)
+    more = "" if allowed_hosts else "; clients using a host name need --allow-host NAME"
+    return ", ".join(names) + (more if host not in _LOOPBACK else "")

@@ -11,7 +11,7 @@ import errno
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -77,11 +77,14 @@ def _is_bind_error(exc: BaseException) -> bool:
 
 
 def serve_in_background(
-    daemon: LabDaemon, host: str, port: int, *, tokens: TokenTable | None = None
+    daemon: LabDaemon, host: str, port: int, *, tokens: TokenTable | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> LabDaemonServer:
     """Start an HTTP server for ``daemon`` on its own thread and return it (already listening).
 
-    ``tokens`` (from :func:`labd.server.auth.load_tokens`) turns on bearer-token auth.
+    ``tokens`` (from :func:`labd.server.auth.load_tokens`) turns on bearer-token auth;
+    ``options`` are more :class:`labd.server.LabDaemonServer` keyword arguments (limits and
+    ``allowed_hosts``, checked beforehand with :func:`labd.server.lifecycle.server_settings`).
 
     Raises :class:`CliError` if the port is taken or the server extra is not installed.
     """
@@ -93,7 +96,7 @@ def serve_in_background(
         raise CliError(
             f"serving needs labd's `server` extra ({exc}); install it with pip install 'labd[server]'"
         ) from None
-    server = LabDaemonServer(daemon, host=host, port=port, tokens=tokens)
+    server = LabDaemonServer(daemon, host=host, port=port, tokens=tokens, **dict(options or {}))
     try:
         server.start(blocking=False)
     except Exception as exc:

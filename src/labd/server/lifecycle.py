@@ -26,16 +26,19 @@ from labd.errors import InvalidArgumentError
 from labd.server.app import create_app
 from labd.server.auth import Token, TokenTable
 from labd.server.context import ServerContext, ServerSettings
+from labd.server.guards import is_wildcard_address, normalize_allowed_hosts
 
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
 
-__all__ = ["LabDaemonServer"]
+__all__ = ["DEFAULT_LEASE_TTL_S", "LabDaemonServer", "server_settings"]
 
 log = logging.getLogger("labd.server")
 
 #: Seconds uvicorn waits for open requests after stop() before cancelling them.
 GRACEFUL_SHUTDOWN_S = 1
+#: Seconds an HTTP lease lasts when it asks for no ttl (unless lease_max_ttl is shorter).
+DEFAULT_LEASE_TTL_S = 30.0
 #: Seconds start() waits for uvicorn to come up.
 STARTUP_TIMEOUT_S = 15.0
 
@@ -77,23 +80,103 @@ class _Uvicorn(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _check_settings(
-    host: object, port: object, request_timeout: object, max_body_bytes: object,
-) -> None:
+def _check_address(host: object, port: object) -> None:
     if not isinstance(host, str) or not host:
         raise InvalidArgumentError(f"host must be an address such as '127.0.0.1', got {host!r}")
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise InvalidArgumentError(f"port must be an integer 0..65535 (0 picks a free one), got {port!r}")
+
+
+def _check_body_and_timeout(request_timeout: object, max_body_bytes: object) -> None:
     if not isinstance(request_timeout, int | float) or isinstance(request_timeout, bool) or request_timeout <= 0:
         raise InvalidArgumentError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
     if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 0:
         raise InvalidArgumentError(f"max_body_bytes must be an integer >= 0, got {max_body_bytes!r}")
 
 
-def _check_stream_caps(max_clients: object, max_bytes: object) -> None:
-    for name, value in (("stream_max_clients", max_clients), ("stream_max_bytes", max_bytes)):
+def _check_counts(**counts: object) -> None:
+    """Each keyword is a limit that must be a positive integer (``stream_max_clients=100``)."""
+    for name, value in counts.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_seconds(**seconds: object) -> None:
+    """Each keyword is a duration that must be a positive, finite number of seconds."""
+    for name, value in seconds.items():
+        if (not isinstance(value, int | float) or isinstance(value, bool)
+                or not 0 < value < float("inf")):
+            raise InvalidArgumentError(
+                f"{name} must be a positive, finite number of seconds, got {value!r}")
+
+
+def _check_limits(
+    request_timeout: float, max_request_timeout: float, lease_default_ttl: float,
+    lease_max_ttl: float,
+) -> None:
+    if max_request_timeout < 0.001 or request_timeout > max_request_timeout:
+        raise InvalidArgumentError(
+            f"max_request_timeout ({max_request_timeout!r} s) must be at least 0.001 s and at "
+            f"least request_timeout ({request_timeout!r} s)")
+    if lease_default_ttl > lease_max_ttl:  # only when both were given
+        raise InvalidArgumentError(
+            f"lease_default_ttl ({lease_default_ttl!r} s) must not exceed lease_max_ttl "
+            f"({lease_max_ttl!r} s)")
+
+
+def server_settings(
+    host: str = "127.0.0.1",
+    *,
+    request_timeout: float = 30.0,
+    max_body_bytes: int = 16 * 2**20,
+    cors_origins: Iterable[str] | None = None,
+    stream_ping: float = 15.0,
+    stream_max_clients: int = 100,
+    stream_max_bytes: int = 32 * 2**20,
+    stream_max_clients_total: int = 1000,
+    stream_max_maxsize: int = 100_000,
+    tokens: TokenTable | Mapping[str, Token | tuple[str, str]] | None = None,
+    allowed_hosts: Iterable[str] = (),
+    max_request_timeout: float = 3600.0,
+    lease_default_ttl: float | None = None,
+    lease_max_ttl: float = 3600.0,
+    device_max_in_flight: int = 4,
+    device_workers: int = 32,
+) -> ServerSettings:
+    """The checked :class:`ServerSettings` of a server listening on ``host``.
+
+    Takes :class:`LabDaemonServer`'s keyword arguments (see there) and raises
+    :class:`InvalidArgumentError` naming the first bad one and what is valid. ``labd serve``
+    calls it to check its options before it builds the lab. ``lease_default_ttl`` defaults to
+    30 s, or ``lease_max_ttl`` if that is shorter.
+
+    Example: ``server_settings("0.0.0.0", allowed_hosts=["labpc.example.org"])``.
+    """
+    _check_address(host, 0)
+    _check_body_and_timeout(request_timeout, max_body_bytes)
+    _check_counts(stream_max_clients=stream_max_clients, stream_max_bytes=stream_max_bytes,
+                  stream_max_clients_total=stream_max_clients_total,
+                  stream_max_maxsize=stream_max_maxsize,
+                  device_max_in_flight=device_max_in_flight, device_workers=device_workers)
+    _check_seconds(max_request_timeout=max_request_timeout, lease_max_ttl=lease_max_ttl)
+    if lease_default_ttl is None:
+        lease_default_ttl = min(DEFAULT_LEASE_TTL_S, lease_max_ttl)
+    _check_seconds(lease_default_ttl=lease_default_ttl)
+    _check_limits(request_timeout, max_request_timeout, lease_default_ttl, lease_max_ttl)
+    origins = None if cors_origins is None else tuple(cors_origins)
+    if origins is not None and not all(isinstance(o, str) for o in origins):
+        raise InvalidArgumentError(f"cors_origins must be strings such as 'http://localhost:3000', got {origins!r}")
+    return ServerSettings(
+        request_timeout=float(request_timeout), max_body_bytes=max_body_bytes,
+        cors_origins=origins, stream_ping=stream_ping,
+        tokens=None if tokens is None else TokenTable.coerce(tokens),
+        stream_max_clients=stream_max_clients, stream_max_bytes=stream_max_bytes,
+        stream_max_clients_total=stream_max_clients_total,
+        stream_max_maxsize=stream_max_maxsize,
+        allowed_hosts=normalize_allowed_hosts(allowed_hosts), bind_host=host,
+        max_request_timeout=float(max_request_timeout),
+        lease_default_ttl=float(lease_default_ttl), lease_max_ttl=float(lease_max_ttl),
+        device_max_in_flight=device_max_in_flight, device_workers=device_workers)
 
 
 class LabDaemonServer:
@@ -105,8 +188,17 @@ class LabDaemonServer:
     then every request but ``GET /health`` needs a token, and its user is the caller's
     principal (see docs/http-api.md, "Authentication"). Tokens travel in clear text over plain
     HTTP: beyond a trusted network, put a TLS proxy in front. ``port=0`` picks a free port;
-    read it back from :attr:`port`. Each SSE stream takes at most ``stream_max_clients``
-    clients (the next gets 503), each with a buffer of at most ``stream_max_bytes``.
+    read it back from :attr:`port`.
+
+    Only requests whose ``Host`` is localhost, 127.0.0.1, [::1], ``host`` or the address they
+    arrived at are answered (421 otherwise, against DNS rebinding); list the other names
+    clients use in ``allowed_hosts`` (see :mod:`labd.server.guards`). Limits, each with a
+    clear 4xx/503 beyond it (docs/http-api.md): ``stream_max_clients`` SSE clients per stream
+    and ``stream_max_clients_total`` over all, each with a buffer of at most
+    ``stream_max_bytes`` and ``?maxsize=`` up to ``stream_max_maxsize`` items;
+    ``?timeout=`` up to ``max_request_timeout`` s; HTTP leases last ``lease_default_ttl`` s
+    (default 30 s, at most ``lease_max_ttl``) unless they ask for up to ``lease_max_ttl``; ``device_max_in_flight`` calls running or
+    waiting per device, on ``device_workers`` threads in all.
 
     Example::
 
@@ -129,23 +221,31 @@ class LabDaemonServer:
         stream_ping: float = 15.0,
         stream_max_clients: int = 100,
         stream_max_bytes: int = 32 * 2**20,
+        stream_max_clients_total: int = 1000,
+        stream_max_maxsize: int = 100_000,
         log_level: str = "warning",
         tokens: TokenTable | Mapping[str, Token | tuple[str, str]] | None = None,
+        allowed_hosts: Iterable[str] = (),
+        max_request_timeout: float = 3600.0,
+        lease_default_ttl: float | None = None,
+        lease_max_ttl: float = 3600.0,
+        device_max_in_flight: int = 4,
+        device_workers: int = 32,
     ) -> None:
-        _check_settings(host, port, request_timeout, max_body_bytes)
-        _check_stream_caps(stream_max_clients, stream_max_bytes)
-        origins = None if cors_origins is None else tuple(cors_origins)
-        if origins is not None and not all(isinstance(o, str) for o in origins):
-            raise InvalidArgumentError(f"cors_origins must be strings such as 'http://localhost:3000', got {origins!r}")
+        _check_address(host, port)
+        settings = server_settings(
+            host, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+            cors_origins=cors_origins, stream_ping=stream_ping,
+            stream_max_clients=stream_max_clients, stream_max_bytes=stream_max_bytes,
+            stream_max_clients_total=stream_max_clients_total,
+            stream_max_maxsize=stream_max_maxsize, tokens=tokens, allowed_hosts=allowed_hosts,
+            max_request_timeout=max_request_timeout, lease_default_ttl=lease_default_ttl,
+            lease_max_ttl=lease_max_ttl, device_max_in_flight=device_max_in_flight,
+            device_workers=device_workers)
         self.daemon = daemon
         self.host = host
         self.port = port
         self.log_level = log_level
-        table = None if tokens is None else TokenTable.coerce(tokens)
-        settings = ServerSettings(request_timeout=float(request_timeout), max_body_bytes=max_body_bytes,
-                                  cors_origins=origins, stream_ping=stream_ping, tokens=table,
-                                  stream_max_clients=stream_max_clients,
-                                  stream_max_bytes=stream_max_bytes)
         self.app = create_app(daemon, settings)
         self._context: ServerContext = self.app.state.labd
         self._state = ServerState.NEW
@@ -205,6 +305,7 @@ class LabDaemonServer:
             )
             server = self._server = _Uvicorn(config, self._context.shutdown.set)
             self._state = ServerState.RUNNING
+        self._log_host_rule()
         if blocking:
             try:
                 server.run(sockets=[sock])
@@ -224,6 +325,18 @@ class LabDaemonServer:
             self.stop(timeout=2.0)
             raise RuntimeError(f"The labd server on {self.url} did not start; see the log above.")
         log.info("labd server listening on %s", self.url)
+
+    def _log_host_rule(self) -> None:
+        """On every interface, say which Host names get answers (the others get 421)."""
+        if not is_wildcard_address(self.host):
+            return
+        names = self._context.settings.allowed_hosts
+        log.info(
+            "labd server listening on all interfaces (%s): clients may use localhost or this "
+            "machine's IP addresses; host names they use must be allowed (%s), or they get "
+            "421 Misdirected Request. Allowed names: %s", self.host,
+            "labd serve --allow-host NAME, or allowed_hosts in the config",
+            ", ".join(names) if names else "none")
 
     @staticmethod
     def _serve(server: _Uvicorn, sock: socket.socket) -> None:
