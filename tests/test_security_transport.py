@@ -309,13 +309,14 @@ def test_server_limits_reach_the_settings(daemon: labd.LabDaemon) -> None:
     server = LabDaemonServer(
         daemon, "127.0.0.1", 0, stream_max_clients=3, stream_max_clients_total=7,
         stream_max_maxsize=50, max_request_timeout=60, lease_max_ttl=20, device_max_in_flight=2,
-        device_workers=5, allowed_hosts=["labpc"])
+        device_workers=5, server_workers=3, allowed_hosts=["labpc"])
     settings = server.app.state.labd.settings
     assert (settings.stream_max_clients, settings.stream_max_clients_total,
             settings.stream_max_maxsize) == (3, 7, 50)
     assert (settings.max_request_timeout, settings.lease_max_ttl) == (60.0, 20.0)
     assert settings.lease_default_ttl == 20.0  # 30 s by default, but never above the maximum
-    assert (settings.device_max_in_flight, settings.device_workers) == (2, 5)
+    assert (settings.device_max_in_flight, settings.device_workers,
+            settings.server_workers) == (2, 5, 3)
     assert settings.allowed_hosts == ("labpc",) and settings.bind_host == "127.0.0.1"
 
 
@@ -324,6 +325,7 @@ def test_server_limits_reach_the_settings(daemon: labd.LabDaemon) -> None:
     ({"stream_max_maxsize": 1.5}, "stream_max_maxsize must be a positive integer"),
     ({"device_max_in_flight": True}, "device_max_in_flight must be a positive integer"),
     ({"device_workers": -1}, "device_workers must be a positive integer"),
+    ({"server_workers": 0}, "server_workers must be a positive integer"),
     ({"lease_max_ttl": float("inf")}, "lease_max_ttl must be a positive, finite number"),
     ({"lease_default_ttl": 0}, "lease_default_ttl must be a positive, finite number"),
     ({"lease_default_ttl": 100, "lease_max_ttl": 50}, "must not exceed lease_max_ttl"),

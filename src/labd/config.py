@@ -96,6 +96,7 @@ SERVER_KEYS: dict[str, str] = {
     "stream_max_maxsize": "count",  # largest ?maxsize= an SSE client may ask for
     "device_max_in_flight": "count",  # calls running or waiting per device
     "device_workers": "count",  # threads running device code, over all devices
+    "server_workers": "count",  # threads running other blocking work (task info, history)
 }
 #: Top-level keys a TOML config may use.
 TOP_LEVEL_KEYS = ("connect", "connect_timeout", "device_types", "devices", "tasks",

@@ -142,6 +142,7 @@ def server_settings(
     lease_max_ttl: float = 3600.0,
     device_max_in_flight: int = 4,
     device_workers: int = 32,
+    server_workers: int = 8,
 ) -> ServerSettings:
     """The checked :class:`ServerSettings` of a server listening on ``host``.
 
@@ -157,7 +158,8 @@ def server_settings(
     _check_counts(stream_max_clients=stream_max_clients, stream_max_bytes=stream_max_bytes,
                   stream_max_clients_total=stream_max_clients_total,
                   stream_max_maxsize=stream_max_maxsize,
-                  device_max_in_flight=device_max_in_flight, device_workers=device_workers)
+                  device_max_in_flight=device_max_in_flight, device_workers=device_workers,
+                  server_workers=server_workers)
     _check_seconds(max_request_timeout=max_request_timeout, lease_max_ttl=lease_max_ttl)
     if lease_default_ttl is None:
         lease_default_ttl = min(DEFAULT_LEASE_TTL_S, lease_max_ttl)
@@ -176,7 +178,8 @@ def server_settings(
         allowed_hosts=normalize_allowed_hosts(allowed_hosts), bind_host=host,
         max_request_timeout=float(max_request_timeout),
         lease_default_ttl=float(lease_default_ttl), lease_max_ttl=float(lease_max_ttl),
-        device_max_in_flight=device_max_in_flight, device_workers=device_workers)
+        device_max_in_flight=device_max_in_flight, device_workers=device_workers,
+        server_workers=server_workers)
 
 
 class LabDaemonServer:
@@ -198,7 +201,8 @@ class LabDaemonServer:
     ``stream_max_bytes`` and ``?maxsize=`` up to ``stream_max_maxsize`` items;
     ``?timeout=`` up to ``max_request_timeout`` s; HTTP leases last ``lease_default_ttl`` s
     (default 30 s, at most ``lease_max_ttl``) unless they ask for up to ``lease_max_ttl``; ``device_max_in_flight`` calls running or
-    waiting per device, on ``device_workers`` threads in all.
+    waiting per device, on ``device_workers`` threads in all; other blocking work (task info,
+    run history) on ``server_workers`` threads.
 
     Example::
 
@@ -231,6 +235,7 @@ class LabDaemonServer:
         lease_max_ttl: float = 3600.0,
         device_max_in_flight: int = 4,
         device_workers: int = 32,
+        server_workers: int = 8,
     ) -> None:
         _check_address(host, port)
         settings = server_settings(
@@ -241,7 +246,7 @@ class LabDaemonServer:
             stream_max_maxsize=stream_max_maxsize, tokens=tokens, allowed_hosts=allowed_hosts,
             max_request_timeout=max_request_timeout, lease_default_ttl=lease_default_ttl,
             lease_max_ttl=lease_max_ttl, device_max_in_flight=device_max_in_flight,
-            device_workers=device_workers)
+            device_workers=device_workers, server_workers=server_workers)
         self.daemon = daemon
         self.host = host
         self.port = port
