@@ -10,6 +10,7 @@ from the cause. The autouse guard makes the test that leaked fail, by name.
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -62,6 +63,13 @@ def _hypothesis_profile() -> str:
 
 
 hypothesis.settings.load_profile(_hypothesis_profile())
+
+# A suite started from a background job (`make test &` in a script) inherits SIGINT ignored,
+# and so would every `labd serve` child it spawns: the Ctrl+C tests would then hang until
+# their watchdogs. Give the test process Python's default handler back (children get SIG_DFL
+# at exec, and Python then installs its own KeyboardInterrupt handler).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
