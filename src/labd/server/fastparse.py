@@ -2,7 +2,8 @@
 
 FastAPI's dependency solving is about 60 % of that route's CPU (cProfile, bench/README.md),
 so the call route reads its path id, body, ``?timeout=`` and ``X-Labd-Owner`` itself, with the
-same pydantic model and limits as the declared ones. Every failure is raised as the same
+same pydantic model and limits as the declared ones (``?timeout=`` through the same
+:func:`~labd.server.models.check_timeout`). Every failure is raised as the same
 :class:`RequestValidationError` FastAPI would raise, so the answer (400 with the error record
 naming the field) is identical, and :data:`CALL_OPENAPI` keeps ``/openapi.json`` accurate.
 """
@@ -18,7 +19,13 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from labd.ownership import Actor
-from labd.server.models import ID_REGEX, CallRequest
+from labd.server.models import (
+    ID_REGEX,
+    MIN_REQUEST_TIMEOUT,
+    TIMEOUT_HELP,
+    CallRequest,
+    check_timeout,
+)
 
 __all__ = [
     "CALL_OPENAPI",
@@ -30,7 +37,6 @@ __all__ = [
 ]
 
 _ID = re.compile(ID_REGEX)
-_MAX_TIMEOUT = 86_400.0
 
 
 def _invalid(kind: str, loc: tuple[Any, ...], msg: str, value: Any) -> RequestValidationError:
@@ -59,8 +65,8 @@ def call_body(raw: bytes) -> CallRequest:
         raise RequestValidationError(errors) from None
 
 
-def timeout_query(request: Request) -> float | None:
-    """``?timeout=`` as seconds in (0, 86400], or a 400 naming ``query.timeout``."""
+def timeout_query(request: Request, maximum: float) -> float | None:
+    """``?timeout=`` as seconds in [0.001, ``maximum``], or a 400 naming ``query.timeout``."""
     raw = request.query_params.get("timeout")
     if raw is None:
         return None
@@ -70,12 +76,7 @@ def timeout_query(request: Request) -> float | None:
         raise _invalid("float_parsing", ("query", "timeout"),
                        "Input should be a valid number, unable to parse string as a number", raw
                        ) from None
-    if not value > 0:
-        raise _invalid("greater_than", ("query", "timeout"), "Input should be greater than 0", raw)
-    if value > _MAX_TIMEOUT:
-        raise _invalid("less_than_equal", ("query", "timeout"),
-                       "Input should be less than or equal to 86400", raw)
-    return value
+    return check_timeout(value, maximum, raw)
 
 
 def remote_actor(request: Request) -> Actor:
@@ -94,8 +95,8 @@ CALL_OPENAPI: dict[str, Any] = {
         {"name": "device_id", "in": "path", "required": True,
          "schema": {"type": "string", "pattern": ID_REGEX}},
         {"name": "timeout", "in": "query", "required": False,
-         "description": "Request timeout in seconds (default: the server's).",
-         "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": _MAX_TIMEOUT}},
+         "description": TIMEOUT_HELP,
+         "schema": {"type": "number", "minimum": MIN_REQUEST_TIMEOUT}},
         {"name": "X-Labd-Owner", "in": "header", "required": False,
          "description": "The principal you act as.",
          "schema": {"type": "string", "maxLength": 128}},

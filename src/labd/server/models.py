@@ -6,16 +6,21 @@ a silently ignored value. They also make ``/openapi.json`` describe every body e
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Query
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, StrictBool, StrictStr
+from starlette.requests import Request
 
 from labd.ownership import Actor
+from labd.server.auth import current_token
 from labd.server.context import ServerContext, get_context
 
 __all__ = [
     "ID_REGEX",
+    "MIN_REQUEST_TIMEOUT",
     "AddDeviceRequest",
     "CallRequest",
     "ConnectRequest",
@@ -28,14 +33,21 @@ __all__ = [
     "ParameterRequest",
     "RemoteActor",
     "RenewRequest",
+    "ShowTracebacks",
     "TaskIdPath",
     "TaskRequest",
     "TimeoutQuery",
+    "check_timeout",
+    "hide_tracebacks",
 ]
 
 #: Ids of devices, tasks and leases (docs/http-api.md).
 ID_REGEX = r"^[A-Za-z0-9_\-.:]{1,128}$"
 _ID_HELP = "1 to 128 letters, digits or the characters _ - . :"
+#: Shortest ``?timeout=`` a request may ask for (seconds); the longest is a server setting.
+MIN_REQUEST_TIMEOUT = 0.001
+TIMEOUT_HELP = (f"Request timeout in seconds, from {MIN_REQUEST_TIMEOUT} to the server's "
+                "max_request_timeout (default 3600); default: the server's request_timeout.")
 
 
 class _Body(BaseModel):
@@ -106,10 +118,6 @@ class ErrorEnvelope(BaseModel):
 DeviceIdPath = Annotated[str, Path(pattern=ID_REGEX, description=_ID_HELP)]
 TaskIdPath = Annotated[str, Path(pattern=ID_REGEX, description=_ID_HELP)]
 LeaseIdPath = Annotated[str, Path(pattern=ID_REGEX, description=_ID_HELP)]
-TimeoutQuery = Annotated[
-    float | None,
-    Query(gt=0, le=86_400, description="Request timeout in seconds (default: the server's)."),
-]
 MaxsizeQuery = Annotated[
     int | None, Query(ge=1, le=1_000_000, description="This client's stream buffer (items).")
 ]
@@ -130,3 +138,58 @@ async def _remote_actor(
 RemoteActor = Annotated[Actor, Depends(_remote_actor)]
 #: The app's :class:`ServerContext`.
 Ctx = Annotated[ServerContext, Depends(get_context)]
+
+
+def check_timeout(value: float | None, maximum: float, raw: Any = None) -> float | None:
+    """``value`` if it is None or within [:data:`MIN_REQUEST_TIMEOUT`, ``maximum``] seconds.
+
+    Otherwise the same 400 as any bad query parameter, naming ``query.timeout`` and the range
+    (a timeout of 5e-324 s would only ever answer 504; one of a year would pin a worker).
+    """
+    if value is None or (math.isfinite(value) and MIN_REQUEST_TIMEOUT <= value <= maximum):
+        return value
+    raise RequestValidationError([{
+        "type": "timeout_range", "loc": ("query", "timeout"),
+        "msg": f"Input should be a number of seconds from {MIN_REQUEST_TIMEOUT:g} to "
+               f"{maximum:g} (this server's max_request_timeout)",
+        "input": value if raw is None else raw,
+    }])
+
+
+# async: FastAPI runs plain-def dependencies in a thread pool (two thread hops per request)
+async def _timeout_query(
+    ctx: Ctx,
+    timeout: Annotated[
+        float | None,
+        Query(description=TIMEOUT_HELP, json_schema_extra={"minimum": MIN_REQUEST_TIMEOUT}),
+    ] = None,
+) -> float | None:
+    return check_timeout(timeout, ctx.settings.max_request_timeout)
+
+
+#: ``?timeout=`` in seconds within [0.001, ``max_request_timeout``], or None (the default).
+TimeoutQuery = Annotated[float | None, Depends(_timeout_query)]
+
+
+# async: FastAPI runs plain-def dependencies in a thread pool (two thread hops per request)
+async def _shows_tracebacks(request: Request) -> bool:
+    token = current_token(request)
+    return token is None or token.allows("admin")
+
+
+#: True when the caller may see stored tracebacks: an admin's token, or a server without
+#: tokens (one PC, one user). Tracebacks name files, paths and values: not for every viewer.
+ShowTracebacks = Annotated[bool, Depends(_shows_tracebacks)]
+
+_RECORD_KEYS = frozenset({"type", "message", "origin", "traceback"})
+
+
+def hide_tracebacks(record: Any) -> Any:
+    """``record`` (an error record dict, or None) with ``traceback`` set to None.
+
+    Keeps the error record shape (the key stays, as in immediate error answers); anything
+    that is not an error record is returned unchanged.
+    """
+    if isinstance(record, dict) and record.keys() >= _RECORD_KEYS and record["traceback"]:
+        return {**record, "traceback": None}
+    return record

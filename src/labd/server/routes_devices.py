@@ -3,6 +3,12 @@
 Everything that may run device code (constructors, ``connect``, methods, ``is_streaming`` in
 the device info) runs on a worker thread via the context's offloader, as the remote actor,
 so the core's ownership rules apply: queries always pass, commands to owned devices are 409.
+An unknown device id is 404 before anything is offloaded.
+
+The routes add what only the server knows: with tokens, commands through ``/call`` need the
+``operator`` role (a viewer may call queries); a device's stream is started and stopped only
+through the stream routes (never ``/call``), and stopping it is a command that obeys
+ownership; stored tracebacks are shown to admins only.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from labd.devices import DeviceSlot
 from labd.errors import InvalidArgumentError, LabDaemonException, utc_now_iso
 from labd.ownership import acting_as
+from labd.server.auth import Token, current_token
 from labd.server.context import ServerContext, guard_device_code
 from labd.server.encoding import dumps, dumps_lenient
+from labd.server.errors import Forbidden
 from labd.server.fastparse import CALL_OPENAPI, call_body, path_id, remote_actor, timeout_query
 from labd.server.models import (
     AddDeviceRequest,
@@ -23,6 +32,7 @@ from labd.server.models import (
     Ctx,
     DeviceIdPath,
     RemoteActor,
+    ShowTracebacks,
     TimeoutQuery,
 )
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
@@ -30,6 +40,9 @@ from labd.server.routing import RouteSpec, json_bytes_response, json_response
 __all__ = ["ROUTES"]
 
 _RESERVED_PARAMS = frozenset({"device_id", "device_type"})
+# The server owns a device's stream: /call must not start one nobody can subscribe to, or
+# stop one under its subscribers without the ownership check of the stop route.
+_STREAM_CONTROL = frozenset({"start_streaming", "stop_streaming"})
 
 
 def _info_bytes(ctx: ServerContext, device_id: str) -> bytes:
@@ -45,6 +58,7 @@ async def list_devices(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
 
 async def get_device(device_id: DeviceIdPath, ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
     """One device's state (including ``unresponsive`` while a call is past its timeout)."""
+    ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
     body = await ctx.run(lambda: _info_bytes(ctx, device_id),
                          what=f"reading device {device_id!r}", timeout=timeout)
     return json_bytes_response(body)
@@ -83,6 +97,7 @@ async def connect_device(
     body: ConnectRequest | None = None, timeout: TimeoutQuery = None,
 ) -> Response:
     """Call the device's ``connect()`` (optionally bounded by ``timeout`` in the body)."""
+    ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
     bound = body.timeout if body is not None else None
     if timeout is None and bound is not None:
         timeout = max(ctx.timeout(None), bound + 1.0)  # let the daemon's own bound answer first
@@ -100,6 +115,7 @@ async def disconnect_device(
     device_id: DeviceIdPath, ctx: Ctx, actor: RemoteActor, timeout: TimeoutQuery = None,
 ) -> Response:
     """Call the device's ``disconnect()`` (stops its stream first). Idempotent."""
+    ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
 
     def job() -> bytes:
         with acting_as(actor):
@@ -110,16 +126,42 @@ async def disconnect_device(
     return json_bytes_response(info)
 
 
+def _check_callable(slot: DeviceSlot, method: str, token: Token | None) -> None:
+    """Refuse stream control through ``/call`` (400), and commands from a viewer (403)."""
+    device_id = slot.device_id
+    if method in _STREAM_CONTROL:
+        refused = InvalidArgumentError(
+            f"{device_id}.{method}() cannot be called through POST /devices/{{id}}/call: the "
+            f"server runs the device's stream. Subscribe with GET /stream/devices/{device_id} "
+            f"(it starts the stream) and stop it with POST /devices/{device_id}/stream/stop.")
+        refused.labd_context = {  # type: ignore[attr-defined]
+            "device_id": device_id, "method": method,
+            "use": [f"GET /stream/devices/{device_id}", f"POST /devices/{device_id}/stream/stop"]}
+        raise refused
+    if token is None or slot.kinds.get(method) != "command" or token.allows("operator"):
+        return
+    error = Forbidden(
+        f"{device_id}.{method}() is a command and needs the 'operator' role; the token of user "
+        f"{token.user!r} has {token.role!r}, which may call query methods only. Ask the lab's "
+        "admin for an operator token.")
+    # The context every 403 for a role carries (auth.Token.require); the message names the method.
+    error.labd_context = {  # type: ignore[attr-defined]
+        "required_role": "operator", "role": token.role, "user": token.user}
+    raise error
+
+
 async def call_device(request: Request) -> Response:
     """Call a public method as the remote caller: ``{"result": ..., "success": true}``.
 
     The hot path: parameters are read by :mod:`labd.server.fastparse`, not by FastAPI's
-    dependency injection (documented through ``openapi_extra``).
+    dependency injection (documented through ``openapi_extra``). With tokens a viewer may
+    call query methods; commands need operator. ``start_streaming``/``stop_streaming`` are
+    never callable here (use the stream routes).
     """
     ctx: ServerContext = request.app.state.labd
     device_id = path_id(request, "device_id")
     actor = remote_actor(request)
-    timeout = timeout_query(request)
+    timeout = timeout_query(request, ctx.settings.max_request_timeout)
     body = call_body(await request.body())
     what = f"{device_id}.{body.method}()"
 
@@ -132,6 +174,8 @@ async def call_device(request: Request) -> Response:
 
     labels = ctx.known_method(device_id, body.method)
     try:
+        # On the loop, before any work is offloaded: an unknown id is 404 (not 504).
+        _check_callable(ctx.daemon.device_slot(device_id), body.method, current_token(request))
         payload = await ctx.run_for_device(device_id, job, what=what, timeout=timeout)
     except Exception as exc:
         outcome = type(exc).__name__ if isinstance(exc, LabDaemonException | TypeError) else "error"
@@ -141,10 +185,13 @@ async def call_device(request: Request) -> Response:
     return json_bytes_response(payload)
 
 
-async def get_device_error(device_id: DeviceIdPath, ctx: Ctx) -> Response:
-    """The device's last error record, with its traceback, or null."""
+async def get_device_error(
+    device_id: DeviceIdPath, ctx: Ctx, show_tracebacks: ShowTracebacks,
+) -> Response:
+    """The device's last error record, or null; its traceback for admins (or without tokens)."""
     record = ctx.daemon.get_device_error(device_id)
-    return json_response({"error": record.to_dict() if record is not None else None})
+    return json_response(
+        {"error": record.to_dict(include_traceback=show_tracebacks) if record is not None else None})
 
 
 async def clear_device_error(device_id: DeviceIdPath, ctx: Ctx) -> Response:
@@ -156,10 +203,15 @@ async def clear_device_error(device_id: DeviceIdPath, ctx: Ctx) -> Response:
 async def stop_device_stream(
     device_id: DeviceIdPath, ctx: Ctx, actor: RemoteActor, timeout: TimeoutQuery = None,
 ) -> Response:
-    """Stop the device's stream and end every subscription (SSE clients see the stream end)."""
+    """Stop the device's stream and end every subscription (SSE clients see the stream end).
+
+    A command: while someone else owns the device (a lease, a task) the answer is 409.
+    """
+    slot = ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
 
     def job() -> None:
         with acting_as(actor):
+            slot.check_command("stop_streaming")  # the ownership check a command's wrapper makes
             ctx.daemon.stop_streaming(device_id)
 
     await ctx.run_for_device(device_id, job, what=f"{device_id}.stop_streaming()", timeout=timeout)

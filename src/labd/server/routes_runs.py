@@ -4,14 +4,15 @@ With a run store (``LabDaemon(store=...)``) these endpoints read the SQLite hist
 outlives restarts; without one they serve the runs the daemon still retains in memory. Every
 read runs on a worker thread (a large history or a prune in progress must never stall the
 event loop), and the answer is encoded there too. NumPy arrays that the store keeps in side
-files come back as lists.
+files come back as lists. Stored tracebacks are shown to admins only (with tokens; without
+tokens, to everyone): for others ``traceback`` is null, as in immediate error answers.
 """
 
 from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Query
 from starlette.responses import Response
@@ -19,7 +20,7 @@ from starlette.responses import Response
 from labd.errors import InvalidArgumentError
 from labd.server.context import ServerContext
 from labd.server.encoding import dumps_lenient
-from labd.server.models import Ctx, DeviceIdPath, TaskIdPath
+from labd.server.models import Ctx, DeviceIdPath, ShowTracebacks, TaskIdPath, hide_tracebacks
 from labd.server.routing import RouteSpec, json_bytes_response
 from labd.tasks import TaskState
 
@@ -82,33 +83,42 @@ def parse_since(value: str) -> float:
     return seconds
 
 
+def _run_for(run: dict[str, Any], show_tracebacks: bool) -> dict[str, Any]:
+    """A run record or summary as this caller may see it."""
+    if show_tracebacks or not run.get("error"):
+        return run
+    return {**run, "error": hide_tracebacks(run["error"])}
+
+
 def _page(
     ctx: ServerContext, status: TaskState | None, task_type: str | None, since: float | None,
-    limit: int, offset: int,
+    limit: int, offset: int, show_tracebacks: bool,
 ) -> bytes:
     # One more than asked tells whether another page follows, so next_offset is exact.
     rows = ctx.daemon.runs(status.value if status is not None else None, task_type, since,
                            limit + 1, offset)
     more = len(rows) > limit
-    body = {"runs": rows[:limit], "limit": limit, "offset": offset,
+    runs = [_run_for(row, show_tracebacks) for row in rows[:limit]]
+    body = {"runs": runs, "limit": limit, "offset": offset,
             "next_offset": offset + limit if more else None}
     return dumps_lenient(body)
 
 
 async def list_runs(
-    ctx: Ctx, status: StatusQuery = None, task_type: TaskTypeQuery = None,
-    since: SinceQuery = None, limit: PageLimitQuery = 50, offset: OffsetQuery = 0,
+    ctx: Ctx, show_tracebacks: ShowTracebacks, status: StatusQuery = None,
+    task_type: TaskTypeQuery = None, since: SinceQuery = None, limit: PageLimitQuery = 50,
+    offset: OffsetQuery = 0,
 ) -> Response:
     """Run history, newest first, filtered and paginated (``next_offset`` is null at the end)."""
     after = parse_since(since) if since is not None else None
-    body = await ctx.run(lambda: _page(ctx, status, task_type, after, limit, offset),
+    body = await ctx.run(lambda: _page(ctx, status, task_type, after, limit, offset, show_tracebacks),
                          what="reading the run history")
     return json_bytes_response(body)
 
 
-async def get_run(task_id: TaskIdPath, ctx: Ctx) -> Response:
-    """One run's full record: parameters, progress, result, error (with traceback), events."""
-    body = await ctx.run(lambda: dumps_lenient(ctx.daemon.get_run(task_id)),
+async def get_run(task_id: TaskIdPath, ctx: Ctx, show_tracebacks: ShowTracebacks) -> Response:
+    """One run's full record: parameters, progress, result, error (traceback: admins), events."""
+    body = await ctx.run(lambda: dumps_lenient(_run_for(ctx.daemon.get_run(task_id), show_tracebacks)),
                          what=f"reading run {task_id!r} from the history")
     return json_bytes_response(body)
 
@@ -134,7 +144,7 @@ async def get_run_events(
     return json_bytes_response(body)
 
 
-def _device_errors(ctx: ServerContext, device_id: str, limit: int) -> bytes:
+def _device_errors(ctx: ServerContext, device_id: str, limit: int, show_tracebacks: bool) -> bytes:
     store = ctx.daemon.store
     if store is not None:
         # History outlives the device: a device removed (or not re-added after a restart)
@@ -144,14 +154,17 @@ def _device_errors(ctx: ServerContext, device_id: str, limit: int) -> bytes:
     else:
         last = ctx.daemon.get_device_error(device_id)  # UnknownDeviceError for a bad id
         errors = [last.to_dict()] if last is not None else []
+    if not show_tracebacks:
+        errors = [hide_tracebacks(error) for error in errors]
     return dumps_lenient({"device_id": device_id, "errors": errors})
 
 
 async def get_device_error_history(
-    device_id: DeviceIdPath, ctx: Ctx, limit: EventsLimitQuery = 100,
+    device_id: DeviceIdPath, ctx: Ctx, show_tracebacks: ShowTracebacks,
+    limit: EventsLimitQuery = 100,
 ) -> Response:
-    """Every recorded error of a device, newest first, with tracebacks."""
-    body = await ctx.run(lambda: _device_errors(ctx, device_id, limit),
+    """Every recorded error of a device, newest first (tracebacks: admins, or without tokens)."""
+    body = await ctx.run(lambda: _device_errors(ctx, device_id, limit, show_tracebacks),
                          what=f"reading the error history of device {device_id!r}")
     return json_bytes_response(body)
 

@@ -2,7 +2,13 @@
 
 Starting a run constructs the user's task class, so it runs on a worker thread as the remote
 actor (the run's ``owner`` is the X-Labd-Owner principal). Cancel, pause and resume only flip
-events in the core and answer on the loop.
+events in the core and answer on the loop. An unknown run id is 404 before anything is
+offloaded.
+
+With tokens a run belongs to the user who started it: only that user or an admin may cancel,
+pause, resume or set parameters of it (403 naming the owner). A run nobody owns (started by a
+script in the daemon's process) is anyone's, as a device nobody owns takes anyone's commands.
+Stored tracebacks are shown to admins only. Without tokens nothing is checked (one PC).
 """
 
 from __future__ import annotations
@@ -15,17 +21,21 @@ from starlette.responses import Response
 
 from labd.errors import InvalidArgumentError, LabDaemonException
 from labd.ownership import acting_as
+from labd.server.auth import Caller, Token
 from labd.server.context import ServerContext
 from labd.server.encoding import dumps, dumps_lenient
+from labd.server.errors import Forbidden
 from labd.server.models import (
     Ctx,
     ParameterRequest,
     RemoteActor,
+    ShowTracebacks,
     TaskIdPath,
     TaskRequest,
     TimeoutQuery,
 )
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
+from labd.tasks import TaskHandle
 
 __all__ = ["ROUTES"]
 
@@ -44,11 +54,27 @@ def _guard_task_code(fn: Callable[[], T], failure: str) -> T:
         raise InvalidArgumentError(f"{failure}: {type(exc).__name__}: {exc}") from exc
 
 
-def _task_info(ctx: ServerContext, task_id: str) -> dict[str, Any]:
-    handle = ctx.daemon.get_task(task_id)
+def _task_info(handle: TaskHandle) -> dict[str, Any]:
     info = handle.info()
     info["result"] = handle.result
     return info
+
+
+def _owned_run(ctx: ServerContext, task_id: str, caller: Token | None, action: str) -> TaskHandle:
+    """The run (404 if unknown), if ``caller`` may ``action`` it; else 403 naming its owner."""
+    handle = ctx.daemon.get_task(task_id)
+    if caller is None or caller.allows("admin"):
+        return handle
+    owner = handle.info()["owner"]
+    if owner is None or owner == caller.user:
+        return handle
+    error = Forbidden(
+        f"Run {task_id!r} belongs to {owner!r}: only {owner!r} or an admin may {action} it, "
+        f"and the token of user {caller.user!r} has {caller.role!r}. Ask {owner!r} or an admin.")
+    error.labd_context = {  # type: ignore[attr-defined]
+        "task_id": task_id, "owner": owner, "user": caller.user, "role": caller.role,
+        "required_role": "admin"}
+    raise error
 
 
 async def list_tasks(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
@@ -63,7 +89,8 @@ async def list_tasks(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
 
 async def get_task(task_id: TaskIdPath, ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
     """One run: status, progress, parameters, error and result."""
-    body = await ctx.run(lambda: dumps_lenient(_task_info(ctx, task_id)),
+    handle = ctx.daemon.get_task(task_id)  # an unknown id is 404 before any work starts
+    body = await ctx.run(lambda: dumps_lenient(_task_info(handle)),
                          what=f"reading task {task_id!r}", timeout=timeout)
     return json_bytes_response(body)
 
@@ -100,10 +127,13 @@ async def start_task(
     return json_response(started, status_code=201)
 
 
-async def get_task_error(task_id: TaskIdPath, ctx: Ctx) -> Response:
-    """The run's error record, with its traceback, or null."""
+async def get_task_error(
+    task_id: TaskIdPath, ctx: Ctx, show_tracebacks: ShowTracebacks,
+) -> Response:
+    """The run's error record, or null; its traceback for admins (or without tokens)."""
     record = ctx.daemon.get_task_error(task_id)
-    return json_response({"error": record.to_dict() if record is not None else None})
+    return json_response(
+        {"error": record.to_dict(include_traceback=show_tracebacks) if record is not None else None})
 
 
 async def clear_task_error(task_id: TaskIdPath, ctx: Ctx) -> Response:
@@ -112,32 +142,32 @@ async def clear_task_error(task_id: TaskIdPath, ctx: Ctx) -> Response:
     return Response(status_code=204)
 
 
-async def cancel_task(task_id: TaskIdPath, ctx: Ctx) -> Response:
-    """Ask the run to stop (a pending run never starts)."""
-    ctx.daemon.get_task(task_id).cancel()
+async def cancel_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
+    """Ask the run to stop (a pending run never starts). With tokens: its owner or an admin."""
+    _owned_run(ctx, task_id, caller, "cancel").cancel()
     return json_response({"status": "cancellation_requested", "task_id": task_id})
 
 
-async def pause_task(task_id: TaskIdPath, ctx: Ctx) -> Response:
-    """Close the run's pause gate; it blocks at its next checkpoint."""
-    ctx.daemon.get_task(task_id).pause()
+async def pause_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
+    """Close the run's pause gate; it blocks at its next checkpoint. Owner or admin."""
+    _owned_run(ctx, task_id, caller, "pause").pause()
     return json_response({"status": "paused", "task_id": task_id})
 
 
-async def resume_task(task_id: TaskIdPath, ctx: Ctx) -> Response:
-    """Open the run's pause gate again."""
-    ctx.daemon.get_task(task_id).resume()
+async def resume_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
+    """Open the run's pause gate again. Owner or admin."""
+    _owned_run(ctx, task_id, caller, "resume").resume()
     return json_response({"status": "resumed", "task_id": task_id})
 
 
 async def set_task_parameter(
-    task_id: TaskIdPath, body: ParameterRequest, ctx: Ctx, actor: RemoteActor,
+    task_id: TaskIdPath, body: ParameterRequest, ctx: Ctx, actor: RemoteActor, caller: Caller,
     timeout: TimeoutQuery = None,
 ) -> Response:
-    """Call the run's ``set_parameter(key, value)`` (409 TaskError if it has none)."""
+    """Call the run's ``set_parameter(key, value)`` (409 TaskError if it has none). Owner or admin."""
+    handle = _owned_run(ctx, task_id, caller, "set parameters of")
 
     def job() -> None:
-        handle = ctx.daemon.get_task(task_id)
         with acting_as(actor):
             _guard_task_code(lambda: handle.set_parameter(body.key, body.value),
                              f"Task {task_id!r} rejected parameter {body.key!r}")
@@ -151,9 +181,9 @@ async def get_task_parameter(
     timeout: TimeoutQuery = None,
 ) -> Response:
     """Call the run's ``get_parameter(key)`` (409 TaskError if it has none)."""
+    handle = ctx.daemon.get_task(task_id)  # an unknown id is 404 before any work starts
 
     def job() -> bytes:
-        handle = ctx.daemon.get_task(task_id)
         with acting_as(actor):
             value = _guard_task_code(lambda: handle.get_parameter(key),
                                      f"Task {task_id!r} could not read parameter {key!r}")
