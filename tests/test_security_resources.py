@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import sqlite3
 import threading
 import time
@@ -24,10 +26,12 @@ import pytest
 
 import labd as ld
 from labd.secrets import REDACTED, is_secret_name, redact
+from labd.server.auth import Token
 from labd.server.context import ServerContext, ServerSettings
+from labd.server.fanout import fanout_table
 from labd.server.offload import Offloader
 from labd.server.shutdown import ShutdownSignal
-from labd.testing import BlockingDevice, RunningServer, running_server
+from labd.testing import BlockingDevice, FakeStreamer, RunningServer, running_server
 
 pytestmark = pytest.mark.server
 
@@ -357,3 +361,144 @@ def test_a_job_that_waited_out_its_timeout_in_the_pool_queue_never_runs() -> Non
         release.set()
         assert offloader.close(timeout=WATCHDOG_S) == []
     assert ran == ["hold"] and exits == ["late", "hold"]
+
+
+# ----------------------------------------------------- device streams: join vs start (6)
+VIEWER_TOKEN = "viewer-Hc4u-token"
+ALICE_TOKEN = "alice-Tn6e-operator-token"
+BOB_TOKEN = "bob-Lp3w-operator-token"
+TOKENS = {VIEWER_TOKEN: Token("vic", "viewer"), ALICE_TOKEN: Token("alice", "operator"),
+          BOB_TOKEN: Token("bob", "operator")}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@contextlib.contextmanager
+def stream_lab(**server_kw: Any) -> Iterator[tuple[RunningServer, FakeStreamer]]:
+    """A running server with one connected FakeStreamer ``s1`` (not streaming)."""
+    with running_server(**server_kw) as running:
+        running.daemon.register_plugins(devices={"Streamer": FakeStreamer})
+        device = running.daemon.add_device("s1", "Streamer")
+        running.daemon.connect_device("s1")
+        yield running, device
+
+
+def first_item(url: str, headers: dict[str, str], push: Callable[[], object]) -> dict[str, Any]:
+    """Open ``url`` as SSE, ``push()`` once it is open, and return the first ``device_data``."""
+    with httpx.stream("GET", url, headers=headers, timeout=WATCHDOG_S) as answer:
+        assert answer.status_code == 200, answer.read()
+        push()
+        for line in answer.iter_lines():
+            if line.startswith("data: "):
+                body: dict[str, Any] = json.loads(line[6:])
+                return body
+    pytest.fail(f"{url}: the stream ended without data")
+
+
+def refused(url: str, headers: dict[str, str]) -> httpx.Response:
+    answer = httpx.get(url, headers=headers, timeout=WATCHDOG_S)
+    assert answer.status_code >= 400
+    return answer
+
+
+def test_a_viewer_cannot_start_a_device_stream_and_the_device_is_not_touched() -> None:
+    with stream_lab(tokens=TOKENS) as (running, device):
+        answer = refused(f"{running.url}/stream/devices/s1", bearer(VIEWER_TOKEN))
+        assert answer.status_code == 403
+        error = error_of(answer)
+        assert error["type"] == "Forbidden"
+        assert "starting the stream of 's1' needs the 'operator' role" in error["message"].lower()
+        assert "it is not running" in error["message"]
+        assert error["context"]["required_role"] == "operator"
+        assert not device.started.is_set() and running.daemon.stream_hub("s1") is None
+
+
+def test_a_viewer_cannot_start_the_stream_of_a_device_leased_to_someone_else() -> None:
+    with stream_lab(tokens=TOKENS) as (running, device), \
+            running.daemon.claim(["s1"], owner="alice", ttl=60):
+        assert refused(f"{running.url}/stream/devices/s1", bearer(VIEWER_TOKEN)).status_code == 403
+        assert not device.started.is_set()
+
+
+def test_an_operator_who_does_not_hold_the_lease_gets_409_and_the_holder_starts_it() -> None:
+    with stream_lab(tokens=TOKENS) as (running, device):
+        with running.daemon.claim(["s1"], owner="alice", ttl=60):
+            answer = refused(f"{running.url}/stream/devices/s1", bearer(BOB_TOKEN))
+            assert answer.status_code == 409
+            error = error_of(answer)
+            assert error["type"] == "DeviceBusyError"
+            assert "alice" in error["context"]["busy"][0]["owner"]
+            assert not device.started.is_set()
+            body = first_item(f"{running.url}/stream/devices/s1", bearer(ALICE_TOKEN),
+                              lambda: device.push("from alice"))
+            assert body["payload"] == "from alice"
+        assert device.stopped.wait(WATCHDOG_S), "the stream alice's client started must stop"
+
+
+def test_a_viewer_joins_a_running_stream_even_on_a_leased_device() -> None:
+    with stream_lab(tokens=TOKENS) as (running, device):
+        local = running.daemon.start_streaming("s1", lambda item: None)
+        try:
+            with running.daemon.claim(["s1"], owner="alice", ttl=60):
+                body = first_item(f"{running.url}/stream/devices/s1", bearer(VIEWER_TOKEN),
+                                  lambda: device.push(42))
+                assert body["payload"] == 42
+        finally:
+            local.close()
+            running.daemon.stop_streaming("s1")
+
+
+def test_without_tokens_starting_is_allowed_but_obeys_ownership() -> None:
+    with stream_lab() as (running, device):
+        url = f"{running.url}/stream/devices/s1"
+        with running.daemon.claim(["s1"], owner="alice", ttl=60):
+            answer = refused(url, {"X-Labd-Owner": "bob"})
+            assert answer.status_code == 409 and error_of(answer)["type"] == "DeviceBusyError"
+            assert refused(url, {}).status_code == 409, "an anonymous remote caller owns nothing"
+            assert not device.started.is_set()
+            assert first_item(url, {"X-Labd-Owner": "alice"}, lambda: device.push(1))["payload"] == 1
+        assert device.stopped.wait(WATCHDOG_S)
+        device.stopped.clear()
+        assert first_item(url, {}, lambda: device.push(2))["payload"] == 2
+
+
+# -------------------------------------------------------------------- SSE caps (11)
+@pytest.mark.parametrize("path", ["/stream/devices/s1", "/stream/tasks/nope", "/stream/events"])
+@pytest.mark.parametrize("maxsize", [0, -1, ServerSettings().stream_max_maxsize + 1, 1_000_000,
+                                     10**30])
+def test_a_client_buffer_outside_the_allowed_range_is_422_naming_it(path: str, maxsize: int) -> None:
+    with stream_lab() as (running, device):
+        answer = refused(f"{running.url}{path}?maxsize={maxsize}", {})
+        assert answer.status_code == 422, answer.text
+        error = error_of(answer)
+        most = ServerSettings().stream_max_maxsize
+        assert f"1 to {most}" in error["message"] and "maxsize" in error["message"]
+        assert error["context"] == {"parameter": "maxsize", "minimum": 1, "maximum": most}
+        assert not device.started.is_set()
+
+
+def test_sse_clients_over_all_streams_are_capped_with_503() -> None:
+    with stream_lab() as (running, device):
+        context = context_of(running)
+        context.settings = dataclasses.replace(context.settings, stream_max_clients_total=2)
+        url = f"{running.url}/stream/devices/s1"
+        readers = [httpx.stream("GET", u, timeout=WATCHDOG_S)
+                   for u in (url, f"{running.url}/stream/events")]
+        with contextlib.ExitStack() as stack:
+            opened = [stack.enter_context(reader) for reader in readers]
+            assert [answer.status_code for answer in opened] == [200, 200]
+            for other in ("/stream/devices/s1", "/stream/events"):
+                answer = refused(f"{running.url}{other}", {})
+                assert answer.status_code == 503 and answer.headers["Retry-After"].isdigit()
+                error = error_of(answer)
+                assert error["type"] == "StreamFull"
+                assert "stream_max_clients_total=2" in error["message"]
+                assert error["context"] == {"stream": other, "max_clients_total": 2}
+        # Both clients left: their places are free again (the server notices on its loop).
+        device.stopped.wait(WATCHDOG_S)
+        watch_until(lambda: fanout_table(context, 0, 0).clients_total == 0,
+                    "the server to give the clients' places back")
+        body = first_item(url, {}, lambda: device.push("again"))
+        assert body["payload"] == "again"

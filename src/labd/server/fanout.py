@@ -7,7 +7,8 @@ each stream a server serves has one :class:`StreamFanout`: a single pull-mode
 and re-armed it (a burst of publishes costs one wake-up). On the loop, each batch goes to
 every client's :class:`ClientBuffer`, bounded in items *and* bytes: a client that stops
 reading loses its own oldest items (counted), never anyone else's. A stream takes at most
-``max_clients`` clients; the next one is refused (:class:`StreamFull`, HTTP 503).
+``max_clients`` clients and the server at most ``max_clients_total`` over all its streams; the
+next one is refused (:class:`StreamFull`, HTTP 503) before anything is opened or started.
 
 The fan-out's subscription lives as long as it has clients: the last one to leave closes it,
 so a stream started by SSE clients stops as before (DESIGN.md, Streaming). Everything but
@@ -36,16 +37,23 @@ SHARED_MAXSIZE = 10_000
 
 
 class StreamFull(LabDaemonException):
-    """The stream already has as many SSE clients as the server allows (HTTP 503)."""
+    """The stream (or, with ``total``, the server) has as many SSE clients as allowed (HTTP 503)."""
 
-    def __init__(self, stream: str, cap: int) -> None:
-        super().__init__(
-            f"Stream {stream} already has {cap} SSE client(s), the most this server allows "
-            f"(stream_max_clients={cap}). Close another client of this stream, or start the "
-            "server with a larger stream_max_clients."
-        )
+    def __init__(self, stream: str, cap: int, *, total: bool = False) -> None:
+        if total:
+            message = (
+                f"This server already has {cap} SSE client(s) over all its streams, the most it "
+                f"allows (stream_max_clients_total={cap}), so {stream} was refused. Close "
+                "another stream, or start the server with a larger stream_max_clients_total.")
+        else:
+            message = (
+                f"Stream {stream} already has {cap} SSE client(s), the most this server allows "
+                f"(stream_max_clients={cap}). Close another client of this stream, or start the "
+                "server with a larger stream_max_clients.")
+        super().__init__(message)
         self.stream = stream
         self.cap = cap
+        self.total = total
 
 
 def payload_bytes(obj: Any, depth: int = 2) -> int:
@@ -185,6 +193,7 @@ class StreamFanout:
         if client not in self.clients:
             return
         self.clients.remove(client)
+        self.table.clients_total -= 1
         if not self.clients:
             # The last client left: release the stream (it stops if clients started it).
             self.ended = True
@@ -215,8 +224,11 @@ class StreamFanout:
 class FanoutTable:
     """The fan-outs of one server, one per stream and event loop."""
 
-    def __init__(self, max_clients: int) -> None:
+    def __init__(self, max_clients: int, max_clients_total: int = 1000) -> None:
         self.max_clients = max_clients
+        self.max_clients_total = max_clients_total
+        #: Clients over all streams, counting those still joining (on the loop, no lock).
+        self.clients_total = 0
         self._fanouts: dict[tuple[asyncio.AbstractEventLoop, Hashable], StreamFanout] = {}
         self._opening: dict[tuple[asyncio.AbstractEventLoop, Hashable], list[Any]] = {}
 
@@ -228,12 +240,17 @@ class FanoutTable:
         """A new client of stream ``key``: joins its fan-out, opening one if there is none.
 
         ``open_subscription(fanout)`` subscribes (on a worker, if it runs device code) and
-        hands the subscription to ``fanout.adopt``. Raises :class:`StreamFull` at the cap.
+        hands the subscription to ``fanout.adopt``. Raises :class:`StreamFull` at either cap,
+        before opening anything (a refused client never starts a device's stream).
         """
+        if self.clients_total >= self.max_clients_total:
+            raise StreamFull(label, self.max_clients_total, total=True)
         loop = asyncio.get_running_loop()
         slot = (loop, key)
         opening = self._opening.setdefault(slot, [asyncio.Lock(), 0])
         opening[1] += 1
+        self.clients_total += 1  # this client's place, held while it waits to join
+        joined = False
         try:
             async with opening[0]:  # one opener per stream; later clients join its fan-out
                 fanout = self._fanouts.get(slot)
@@ -243,8 +260,12 @@ class FanoutTable:
                     raise StreamFull(label, self.max_clients)
                 if fanout is None:
                     fanout = await self._open(slot, open_subscription)
-                return fanout.add_client(maxsize, max_bytes)
+                client = fanout.add_client(maxsize, max_bytes)
+                joined = True  # from now on the client's leave() gives its place back
+                return client
         finally:
+            if not joined:
+                self.clients_total -= 1
             opening[1] -= 1
             if not opening[1]:
                 del self._opening[slot]
@@ -275,9 +296,9 @@ class FanoutTable:
 _TABLES: weakref.WeakKeyDictionary[object, FanoutTable] = weakref.WeakKeyDictionary()
 
 
-def fanout_table(owner: object, max_clients: int) -> FanoutTable:
+def fanout_table(owner: object, max_clients: int, max_clients_total: int) -> FanoutTable:
     """The fan-out table of ``owner`` (a server context), made on first use."""
     table = _TABLES.get(owner)
     if table is None:
-        table = _TABLES[owner] = FanoutTable(max_clients)
+        table = _TABLES[owner] = FanoutTable(max_clients, max_clients_total)
     return table

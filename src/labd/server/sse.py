@@ -5,9 +5,16 @@ out on the event loop to that stream's clients (:mod:`labd.server.fanout`): a pu
 the loop once, however many clients listen. Each client has its own buffer, bounded in items
 (``?maxsize=``, default ``stream_maxsize``) and bytes (``stream_max_bytes``), so a client that
 stops reading loses only its own oldest items and never slows the device or the other
-clients. A stream takes at most ``stream_max_clients`` clients; the next one gets 503.
-Streams end when the client leaves, when the stream itself ends (``stop_streaming``, a task's
-``finished``), or when the server stops.
+clients. ``?maxsize=`` outside 1..``stream_max_maxsize`` is a 422. A stream takes at most
+``stream_max_clients`` clients and the server ``stream_max_clients_total`` over all streams;
+the next one gets 503 ``StreamFull``. Streams end when the client leaves, when the stream
+itself ends (``stop_streaming``, a task's ``finished``), or when the server stops.
+
+Joining a device stream that runs is reading (any viewer). Starting one is a command
+(DESIGN.md, Security model): with tokens it needs the ``operator`` role (403 otherwise), and
+a remote caller who does not own a claimed device gets 409 ``DeviceBusyError``, as for any
+command. The check happens before the device is touched; a stream an SSE client started
+runs as the framework's and stops when its last client leaves.
 """
 
 from __future__ import annotations
@@ -20,16 +27,18 @@ from typing import Annotated, Any
 from fastapi import Header, Query
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from labd.errors import ErrorRecord, InvalidArgumentError, iso_from_timestamp
-from labd.ownership import acting_as
+from labd.ownership import Actor, acting_as
+from labd.server.auth import Token, current_token
 from labd.server.context import ServerContext, guard_device_code
 from labd.server.encoding import UnserializableResult, dumps, looks_large
-from labd.server.errors import ServerStopping, error_response
+from labd.server.errors import Forbidden, ServerStopping, error_response
 from labd.server.fanout import SHARED_MAXSIZE, ClientBuffer, StreamFanout, StreamFull, fanout_table
-from labd.server.models import Ctx, DeviceIdPath, MaxsizeQuery, RemoteActor, TaskIdPath
+from labd.server.models import Ctx, DeviceIdPath, RemoteActor, TaskIdPath
 from labd.server.routing import RouteSpec
 from labd.streaming import StreamItem, Subscription
 from labd.tasks import TaskHandle
@@ -44,6 +53,10 @@ BATCH = 256
 LastEventIdQuery = Annotated[
     int | None, Query(ge=0, description="Replay items after this sequence (like Last-Event-ID).")]
 LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID")]
+# Bounded by the server's stream_max_maxsize in the handler (a 422 naming the range).
+MaxsizeQuery = Annotated[int | None, Query(
+    description="This client's stream buffer (items): 1 to the server's stream_max_maxsize "
+                "(default 100000); without it, the server's stream_maxsize.")]
 
 
 class _Pump:
@@ -69,7 +82,8 @@ class _Pump:
                    maxsize: int | None) -> None:
         """Become a client of stream ``key`` (opening it with ``open_subscription`` if needed)."""
         settings = self.ctx.settings
-        table = fanout_table(self.ctx, settings.stream_max_clients)
+        table = fanout_table(self.ctx, settings.stream_max_clients,
+                             settings.stream_max_clients_total)
         self.client = await table.join(key, label, open_subscription,
                                        maxsize or settings.stream_maxsize,
                                        settings.stream_max_bytes)
@@ -108,14 +122,31 @@ def _shared_maxsize(ctx: ServerContext) -> int:
     return max(SHARED_MAXSIZE, ctx.settings.stream_maxsize)
 
 
+def _refuse_maxsize(ctx: ServerContext, maxsize: int | None) -> Response | None:
+    """A 422 answer if ``?maxsize=`` is outside 1..stream_max_maxsize; None if it is fine."""
+    most = ctx.settings.stream_max_maxsize
+    if maxsize is None or 1 <= maxsize <= most:
+        return None
+    record = ErrorRecord(
+        type="InvalidArgumentError", origin="framework",
+        message=f"?maxsize={maxsize} is outside the range this server allows: 1 to {most} items "
+                f"(stream_max_maxsize). Ask for at most {most}, or leave maxsize out for the "
+                f"default of {ctx.settings.stream_maxsize}.",
+        context={"parameter": "maxsize", "minimum": 1, "maximum": most})
+    ctx.metrics.count_error(422, record.type)
+    return error_response(422, record)
+
+
 async def _refuse_if_full(pump: _Pump, join: Awaitable[None]) -> Response | None:
-    """Await ``join``; a full stream becomes a 503 answer (and the pump is released)."""
+    """Await ``join``; a full stream (or server) becomes a 503 answer (and the pump is released)."""
     try:
         await join
     except StreamFull as exc:
         pump.close()
+        cap = {"max_clients_total" if exc.total else "max_clients": exc.cap}
         record = ErrorRecord(type="StreamFull", message=str(exc), origin="framework",
-                             context={"stream": exc.stream, "max_clients": exc.cap})
+                             context={"stream": exc.stream, **cap})
+        pump.ctx.metrics.count_error(503, record.type)
         return error_response(503, record, headers={"Retry-After": "5"})
     except BaseException:
         pump.close()
@@ -221,24 +252,65 @@ async def _generate(pump: _Pump, first: Sequence[bytes], replay: Sequence[Stream
         pump.close()
 
 
+def _viewer_cannot_start(device_id: str, caller: Token) -> Forbidden:
+    error = Forbidden(
+        f"Starting the stream of {device_id!r} needs the 'operator' role; it is not running, "
+        f"and the token of user {caller.user!r} has {caller.role!r}. Viewers may join a running "
+        "stream: ask an operator to start it, or ask the lab's admin for an operator token.")
+    error.labd_context = {  # type: ignore[attr-defined]
+        "required_role": "operator", "role": caller.role, "user": caller.user,
+        "device_id": device_id}
+    return error
+
+
+def _join_or_start(ctx: ServerContext, device_id: str, actor: Actor, caller: Token | None,
+                   fanout: StreamFanout) -> None:
+    """Join the device's running stream, or start it if the caller may (on a device worker).
+
+    Joining subscribes to the live hub itself, so it can never start the device: a stream
+    that ended in between refuses the subscription, and then this is a start after all.
+    """
+    hub = ctx.daemon.stream_hub(device_id)
+    if hub is not None:
+        try:
+            sub = hub.subscribe(maxsize=_shared_maxsize(ctx), on_ready=fanout.on_ready)
+        except RuntimeError:  # the stream ended just now
+            pass
+        else:
+            fanout.adopt(sub)
+            return
+    if caller is not None and not caller.allows("operator"):
+        raise _viewer_cannot_start(device_id, caller)
+    with acting_as(actor):
+        # daemon.subscribe starts the device as the framework: check the caller first.
+        ctx.daemon.device_slot(device_id).check_command("start_streaming")
+        fanout.adopt(guard_device_code(
+            lambda: ctx.daemon.subscribe(device_id, on_ready=fanout.on_ready,
+                                         maxsize=_shared_maxsize(ctx)),
+            device_id, "start_streaming()"))
+
+
 async def stream_device(
-    device_id: DeviceIdPath, ctx: Ctx, actor: RemoteActor,
+    device_id: DeviceIdPath, ctx: Ctx, actor: RemoteActor, request: Request,
     maxsize: MaxsizeQuery = None, last_event_id: LastEventIdQuery = None,
     last_event_id_header: LastEventIdHeader = None,
 ) -> Response:
-    """Subscribe to a device's data (``event: device_data``); starts the stream if needed."""
+    """Subscribe to a device's data (``event: device_data``); an operator's request starts it.
+
+    Viewers may join a running stream; starting one needs the ``operator`` role (403) and,
+    on a claimed device, its owner (409), like any command.
+    """
+    refused = _refuse_maxsize(ctx, maxsize)
+    if refused is not None:
+        return refused
     after = _resume_after(last_event_id, last_event_id_header)
+    caller = current_token(request)
     pump = _Pump(ctx, "device")
 
     async def open_subscription(fanout: StreamFanout) -> None:
-        def job() -> None:
-            with acting_as(actor):
-                fanout.adopt(guard_device_code(
-                    lambda: ctx.daemon.subscribe(device_id, on_ready=fanout.on_ready,
-                                                 maxsize=_shared_maxsize(ctx)),
-                    device_id, "start_streaming()"))
-
-        await ctx.run_for_device(device_id, job, what=f"starting the stream of {device_id!r}")
+        await ctx.run_for_device(
+            device_id, lambda: _join_or_start(ctx, device_id, actor, caller, fanout),
+            what=f"starting the stream of {device_id!r}")
 
     refused = await _refuse_if_full(pump, pump.join(
         ("device", device_id), f"/stream/devices/{device_id}", open_subscription, maxsize))
@@ -270,6 +342,9 @@ async def stream_task(
     last_event_id: LastEventIdQuery = None, last_event_id_header: LastEventIdHeader = None,
 ) -> Response:
     """A run's ``state``, ``progress``, ``data``, ``parameter`` and ``finished`` events."""
+    refused = _refuse_maxsize(ctx, maxsize)
+    if refused is not None:
+        return refused
     after = _resume_after(last_event_id, last_event_id_header)
     handle = ctx.daemon.get_task(task_id)
     pump = _Pump(ctx, "task")
@@ -319,6 +394,9 @@ async def stream_events(
     last_event_id: LastEventIdQuery = None, last_event_id_header: LastEventIdHeader = None,
 ) -> Response:
     """Every daemon event (devices added, states, errors, task states, claims, leases, streams)."""
+    refused = _refuse_maxsize(ctx, maxsize)
+    if refused is not None:
+        return refused
     after = _resume_after(last_event_id, last_event_id_header)
     hub = ctx.daemon.events
     pump = _Pump(ctx, "events")
@@ -335,11 +413,18 @@ async def stream_events(
     return _SSEResponse(ctx, pump, content)
 
 
+# ?maxsize= outside 1..stream_max_maxsize answers 422 (covered by the generic "4XX" entry:
+# the OpenAPI description lists no 422, which FastAPI would otherwise claim for validation).
 _SSE_DOCS: dict[int | str, dict[str, Any]] = {
     200: {"description": "A stream of Server-Sent Events (see docs/http-api.md, Streams).",
           "content": {"text/event-stream": {}}},
-    503: {"description": "The stream already has the server's stream_max_clients clients "
-                         "(error type StreamFull), or the server is stopping."},
+    403: {"description": "Starting a device stream that is not running needs the operator "
+                         "role (viewers may join a running one)."},
+    409: {"description": "Starting a device stream on a device someone else owns."},
+    503: {"description": "The stream already has stream_max_clients clients, or the server "
+                         "stream_max_clients_total over all streams (error type StreamFull), "
+                         "the device has device_max_in_flight calls in flight, or the server "
+                         "is stopping."},
 }
 
 ROUTES = [
