@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import sqlite3
 import threading
@@ -480,9 +479,8 @@ def test_a_client_buffer_outside_the_allowed_range_is_422_naming_it(path: str, m
 
 
 def test_sse_clients_over_all_streams_are_capped_with_503() -> None:
-    with stream_lab() as (running, device):
+    with stream_lab(stream_max_clients_total=2) as (running, device):
         context = context_of(running)
-        context.settings = dataclasses.replace(context.settings, stream_max_clients_total=2)
         url = f"{running.url}/stream/devices/s1"
         readers = [httpx.stream("GET", u, timeout=WATCHDOG_S)
                    for u in (url, f"{running.url}/stream/events")]
