@@ -40,9 +40,11 @@ test: $(STAMP) lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Property and fuzz tests (marker `fuzz`) with random seeds and many more examples than the
-# derandomized CI run; a failure prints the input to pin with @example.
+# derandomized CI run, plus Schemathesis' stateful phase against a real `labd serve --demo`;
+# a failure prints the input (pin it with @example) or the curl command that reproduces it.
+# LABD_FUZZ_EXAMPLES sets the examples per HTTP route (default 300 here).
 fuzz: $(STAMP)
-	LABD_HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -m fuzz -p no:cacheprovider --timeout=1800 $(PYTEST_ARGS)
+	LABD_HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -m fuzz -p no:cacheprovider --timeout=3600 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
