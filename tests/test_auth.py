@@ -169,7 +169,7 @@ CASES = [
     Case("GET", "/metrics", "viewer"),
     Case("GET", "/stream/events", "viewer"),
     Case("GET", "/stream/tasks/done1", "viewer"),
-    Case("GET", "/stream/devices/s1", "viewer"),
+    Case("GET", "/stream/devices/s1", "operator"),  # starts the stream; viewers only join one
     Case("POST", "/devices/dev1/connect", "operator"),
     Case("POST", "/devices/dev1/disconnect", "operator"),
     Case("POST", "/devices/dev1/call", "viewer", {"method": "get_value"}),  # a query

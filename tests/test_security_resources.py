@@ -175,6 +175,9 @@ class TunableTask:
     def set_parameter(self, key: str, value: Any) -> None:
         self.values[key] = value
 
+    def get_parameter(self, key: str) -> Any:
+        return self.values.get(key)
+
     def run(self, context: Any) -> dict[str, Any]:
         if not self.release.wait(WATCHDOG_S):
             return {"status": "failed"}
@@ -196,6 +199,28 @@ def test_a_secret_parameter_update_goes_out_on_the_task_stream_as_stars() -> Non
                    if isinstance(item.payload, dict) and item.payload.get("event") == "parameter"]
         sub.close()
         assert [(u["key"], u["value"]) for u in updates] == [("password", REDACTED), ("gain", 2)]
+    finally:
+        daemon.shutdown()
+
+
+def test_reading_a_secret_task_parameter_over_http_gives_stars() -> None:
+    release = threading.Event()
+    daemon = ld.LabDaemon()
+    try:
+        daemon.register_plugins(tasks={"Tunable": TunableTask})
+        handle = daemon.execute_task("tune", "Tunable", release=release)
+        handle.set_parameter("api_key", PASSWORD)
+        handle.set_parameter("gain", 2)
+        with running_server(daemon) as running, \
+                httpx.Client(base_url=running.url, timeout=WATCHDOG_S) as client:
+            secret = client.get("/tasks/tune/parameters/api_key")
+            plain = client.get("/tasks/tune/parameters/gain")
+        assert secret.status_code == 200 and secret.json() == {"key": "api_key", "value": REDACTED}
+        assert PASSWORD not in secret.text
+        assert plain.json() == {"key": "gain", "value": 2}
+        assert handle.get_parameter("api_key") == PASSWORD  # the task itself keeps the value
+        release.set()
+        handle.wait(timeout=WATCHDOG_S)
     finally:
         daemon.shutdown()
 

@@ -407,3 +407,51 @@ def test_serve_merges_config_and_options_the_options_winning(tmp_path: Path) -> 
                        "lease_max_ttl": 120.0, "device_max_in_flight": 3}
     assert _server_options("127.0.0.1", None, allow_host=None, lease_max_ttl=None,
                            stream_max_clients=None, device_max_in_flight=None) == {}
+
+
+# ---------------------------------------------------------------------- cross-site POSTs
+
+
+def test_a_bodiless_cross_site_post_is_refused_and_changes_nothing(srv: RunningServer) -> None:
+    """``fetch(url, {method: "POST", mode: "no-cors"})`` from another site carries no body (so
+    the JSON rule lets it through) but always an Origin header: refused with 403."""
+    srv.daemon.execute_task("t1", "Hold")
+    with httpx.Client(base_url=srv.url, timeout=WATCHDOG_S) as client:
+        for path in ("/tasks/t1/cancel", "/devices/dev1/disconnect"):
+            answer = client.post(path, headers={"Origin": "http://evil.example"})
+            assert answer.status_code == 403, answer.text
+            record = error_of(answer)
+            assert record["type"] == "CrossSiteRequest"
+            assert "evil.example" in record["message"] and "cors_origins" in record["message"]
+    assert srv.daemon.get_task("t1").status == "running"
+    assert srv.daemon.device_info("dev1")["state"] == "connected"
+
+
+def test_a_page_of_another_port_on_the_same_pc_is_another_origin(srv: RunningServer) -> None:
+    with httpx.Client(base_url=srv.url, timeout=WATCHDOG_S) as client:
+        answer = client.post("/devices/dev1/disconnect",
+                             headers={"Origin": "http://localhost:8080"})
+    assert answer.status_code == 403
+    assert srv.daemon.device_info("dev1")["state"] == "connected"
+
+
+def test_the_servers_own_origin_and_clients_without_origin_may_change_state(
+    srv: RunningServer,
+) -> None:
+    port = srv.url.rsplit(":", 1)[1]
+    with httpx.Client(base_url=srv.url, timeout=WATCHDOG_S) as client:
+        own = client.post("/devices/dev1/call", content=CALL, headers={
+            "Content-Type": "application/json", "Origin": f"http://127.0.0.1:{port}"})
+        assert own.status_code == 200, own.text
+        assert client.post("/devices/dev1/disconnect").status_code == 200  # no Origin: a script
+    assert srv.daemon.device_info("dev1")["state"] == "disconnected"
+
+
+def test_configured_cors_origins_may_change_state(daemon: labd.LabDaemon) -> None:
+    daemon.register_plugins(devices={"Fake": FakeDevice})
+    daemon.connect_device(daemon.add_device("dev1", "Fake"))
+    with running_server(daemon, cors_origins=["http://gui.example:3000"]) as running, \
+            httpx.Client(base_url=running.url, timeout=WATCHDOG_S) as client:
+        answer = client.post("/devices/dev1/disconnect",
+                             headers={"Origin": "http://gui.example:3000"})
+        assert answer.status_code == 200, answer.text

@@ -169,7 +169,7 @@ def test_a_client_that_stops_reading_loses_only_its_own_items(srv: RunningServer
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", srv.server.port))
     try:
-        stalled.sendall(b"GET /stream/devices/s1?maxsize=8 HTTP/1.1\r\nHost: test\r\n\r\n")
+        stalled.sendall(b"GET /stream/devices/s1?maxsize=8 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         head = b""
         while b"\r\n\r\n" not in head:  # read the headers, then never read again
             head += stalled.recv(1)
@@ -462,7 +462,7 @@ def test_a_stalled_clients_buffer_is_capped_in_bytes_as_well_as_items() -> None:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", running.server.port))
         try:
-            stalled.sendall(b"GET /stream/devices/s1?maxsize=1000 HTTP/1.1\r\nHost: test\r\n\r\n")
+            stalled.sendall(b"GET /stream/devices/s1?maxsize=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             head = b""
             while b"\r\n\r\n" not in head:  # read the headers, then never read again
                 head += stalled.recv(1)

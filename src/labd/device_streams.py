@@ -140,7 +140,11 @@ class DeviceStreams:
             )
             sub = hub.subscribe(callback, maxsize=maxsize, on_ready=on_ready)
             wrapped: Callable[..., Any] = getattr(slot.instance, "start_streaming")  # noqa: B009
-            actor = current_actor() if pinned else FRAMEWORK
+            # A remote caller starts the device as itself, so the wrapper checks its right to
+            # (ownership, under the device lock: no claim can slip in between); a local
+            # subscriber starts it as the framework, as LabDaemon's scripts expect.
+            caller = current_actor()
+            actor = caller if pinned or caller.remote else FRAMEWORK
             try:
                 with acting_as(actor):
                     wrapped(callback=hub.publish, **stream_params)

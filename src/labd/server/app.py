@@ -31,7 +31,7 @@ from labd.server import (
 from labd.server.auth import BearerAuthMiddleware, required_role
 from labd.server.context import ServerContext, ServerSettings
 from labd.server.fastparse import document_call_body
-from labd.server.guards import HostGuard, JsonBodyGuard
+from labd.server.guards import CrossSiteGuard, HostGuard, JsonBodyGuard
 from labd.server.limits import BodyLimitMiddleware
 from labd.server.routing import endpoints_index, install_error_handlers, install_routes
 
@@ -96,6 +96,7 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     # Inside auth: a stranger learns nothing, not even which bodies this server takes.
     app.add_middleware(JsonBodyGuard)
+    app.add_middleware(CrossSiteGuard, allowed_origins=settings.cors_origins or ())
     if settings.tokens is not None:
         # Outside the body limit (a stranger's body is never read), inside CORS (preflights
         # need no token, and 401 answers carry CORS headers).

@@ -32,6 +32,14 @@ covered like every other route.
     A request without a ``Host`` header (HTTP/1.0 tools) is let through: browsers always
     send one, so it cannot come from a rebinding page.
 
+:class:`CrossSiteGuard` (HTTP 403 ``CrossSiteRequest``)
+    A bodiless POST (``POST /tasks/{id}/cancel``, ``.../disconnect``) passes the JSON rule, and
+    a page can send one cross-site with ``fetch(url, {method: "POST", mode: "no-cors"})``.
+    Browsers mark every such request with an ``Origin`` header (and ``Sec-Fetch-Site``), so
+    a state-changing request that carries an ``Origin`` must come from this server's own
+    origin (``scheme://Host``, the dashboard) or from one of ``ServerSettings.cors_origins``.
+    Scripts, the CLI and ``labd.client`` send no ``Origin`` and are not affected.
+
 Refusals are error records like every other error answer, counted in ``/metrics``; nothing
 reaches a route, so nothing changes.
 """
@@ -49,6 +57,7 @@ from labd.server.errors import error_response
 
 __all__ = [
     "ALWAYS_ALLOWED_HOSTS",
+    "CrossSiteGuard",
     "HostGuard",
     "JsonBodyGuard",
     "host_name",
@@ -188,6 +197,45 @@ class JsonBodyGuard:
             "only as JSON: send 'Content-Type: application/json' (optionally with "
             "'; charset=utf-8'), or no body at all.",
             {"content_type": content_type, "accepted": [_JSON, f"{_JSON}; charset=utf-8"]},
+        )
+
+
+# ---------------------------------------------------------------------- 403 cross-site
+class CrossSiteGuard:
+    """ASGI middleware: a state-changing request from a browser page of another origin gets 403.
+
+    ``allowed_origins`` are the configured CORS origins. See the module docstring.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_origins: Iterable[str] = ()) -> None:
+        self.app = app
+        self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+
+    def allows(self, origin: str, scheme: str, host: str | None) -> bool:
+        """True if a request from ``origin`` to ``scheme://host`` may change state."""
+        origin = origin.strip().rstrip("/").lower()
+        if origin in self.allowed_origins or "*" in self.allowed_origins:
+            return True
+        return host is not None and origin == f"{scheme}://{host.strip().lower()}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        origin = _header(scope, b"origin")
+        if origin is None or self.allows(origin, scope.get("scheme", "http"),
+                                         _header(scope, b"host")):
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        log.warning("labd server: refused %s %s from the page origin %r (403 cross-site)",
+                    method, path, origin[:200])
+        await _refuse(
+            scope, receive, send, 403, "CrossSiteRequest",
+            f"{method} {path} came from a web page of another origin ({origin[:200]!r}); a page "
+            "may only change this lab's state from the server's own origin. If that page is "
+            "yours, start labd serve with its origin in cors_origins.",
+            {"origin": origin[:200]},
         )
 
 

@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from labd.errors import InvalidArgumentError, LabDaemonException
 from labd.ownership import acting_as
+from labd.secrets import REDACTED, is_secret_name
 from labd.server.auth import Caller, Token
 from labd.server.context import ServerContext
 from labd.server.encoding import dumps, dumps_lenient
@@ -187,6 +188,8 @@ async def get_task_parameter(
         with acting_as(actor):
             value = _guard_task_code(lambda: handle.get_parameter(key),
                                      f"Task {task_id!r} could not read parameter {key!r}")
+        if is_secret_name(key):  # a password or token is never returned (labd.secrets)
+            value = REDACTED
         return dumps({"key": key, "value": value}, f"parameter {key!r} of task {task_id!r}")
 
     body = await ctx.run(job, what=f"reading parameter {key!r} of task {task_id!r}", timeout=timeout)
