@@ -16,6 +16,7 @@ from labd.cli import app
 from labd.cli.args import parse_call_args, parse_params, parse_value
 from labd.cli.errors import CliError
 from labd.cli.output import sparkline
+from labd.errors import TaskCancelledError
 from labd.testing import LabdProcess
 
 pytestmark = pytest.mark.server
@@ -324,7 +325,11 @@ def test_ctrl_c_while_following_cancels_the_run(lab: Any) -> None:
     output = proc.output()
     assert "Traceback" not in output
     assert "Cancellation of task 'followed1' requested" in output
-    assert lab.daemon.get_task("followed1").info()["status"] == "cancelled"
+    # The CLI exits once the cancel was accepted; the run ends at its next step.
+    handle = lab.daemon.get_task("followed1")
+    with pytest.raises(TaskCancelledError):
+        handle.wait(SERVE_START_TIMEOUT_S)
+    assert handle.info()["status"] == "cancelled"
 
 
 # ---------------------------------------------------------------------- runs (history)

@@ -10,6 +10,8 @@ then asks uvicorn to exit and joins the thread, forcing the exit if the deadline
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -58,6 +60,29 @@ class _Uvicorn(uvicorn.Server):
         super().__init__(config)
         self.ready = threading.Event()
         self._on_exit = on_exit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        # uvicorn's own loop polls should_exit every 0.1 s; this one also wakes at once when
+        # stop() asks (see exit_soon), so stopping a server costs milliseconds, not a tick.
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+            should_exit = await self.on_tick(counter)
+
+    def exit_soon(self) -> None:
+        """From any thread: stop serving now (graceful shutdown follows as usual)."""
+        self.should_exit = True
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                loop.call_soon_threadsafe(wake.set)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         try:
@@ -66,6 +91,19 @@ class _Uvicorn(uvicorn.Server):
             self.ready.set()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if not self.server_state.connections and not self.server_state.tasks:
+            # Nothing to drain: uvicorn's shutdown would still sleep 0.1 s for connections to
+            # react to their shutdown request. Same steps otherwise: stop listening, wait for
+            # the listeners to close, then the app's lifespan shutdown.
+            for server in self.servers:
+                server.close()
+            for sock in sockets or []:
+                sock.close()
+            for server in self.servers:
+                await server.wait_closed()
+            if not self.force_exit:
+                await self.lifespan.shutdown()
+            return
         await super().shutdown(sockets=sockets)
         # Connections still open after the graceful period (a client that stopped reading)
         # are closed here, while the loop still runs, instead of leaking with it.
@@ -363,7 +401,7 @@ class LabDaemonServer:
         self._context.shutdown.set()
         server, thread = self._server, self._thread
         if server is not None:
-            server.should_exit = True
+            server.exit_soon()
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(deadline - time.monotonic() - 0.5, 0.0))
             if thread.is_alive():
