@@ -7,9 +7,11 @@ only that public surface (plus ``labd.sim`` for the simulated lab).
 from __future__ import annotations
 
 import inspect
+import json
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 
 import labd as ld
@@ -240,6 +242,52 @@ def test_exception_tree() -> None:
     assert not issubclass(ld.DeviceError, ValueError)
 
 
+def test_labdaemon_import_paths_work_with_labd() -> None:
+    # Each `from labdaemon.X import Y` LabDaemon documents, with labd in place of labdaemon.
+    from labd.context import TaskContext
+    from labd.exceptions import (
+        DeviceConfigurationError,
+        DeviceConnectionError,
+        DeviceError,
+        DeviceNotConnectedError,
+        DeviceOperationError,
+        DeviceTimeoutError,
+        LabDaemonException,
+        TaskCancelledError,
+        TaskError,
+        TaskFailedError,
+    )
+    from labd.handlers import TaskHandle
+    from labd.patterns import ensure_device, ensure_server
+    from labd.server import LabDaemonServer, ServerAPI, SSEClient
+    from labd.utils import LabDaemonJSONEncoder, load_json, save_json
+
+    assert TaskContext is ld.TaskContext and TaskHandle is ld.TaskHandle
+    assert (DeviceError, TaskError, LabDaemonException) == (
+        ld.DeviceError, ld.TaskError, ld.LabDaemonException
+    )
+    assert issubclass(DeviceTimeoutError, DeviceError) and issubclass(TaskFailedError, TaskError)
+    for cls in (DeviceConfigurationError, DeviceConnectionError, DeviceNotConnectedError,
+                DeviceOperationError, TaskCancelledError):
+        assert cls is getattr(ld, cls.__name__)
+    assert (ld.ServerAPI, ld.SSEClient) == (ServerAPI, SSEClient)
+    assert (ld.ensure_server, ld.ensure_device) == (ensure_server, ensure_device)
+    assert callable(LabDaemonServer) and (save_json, load_json) == (ld.save_json, ld.load_json)
+    assert issubclass(LabDaemonJSONEncoder, json.JSONEncoder)
+
+
+def test_labdaemon_json_encoder_writes_numpy_arrays_and_scalars() -> None:
+    from labd.utils import LabDaemonJSONEncoder
+
+    data = {"wl": np.array([1.5, 2.5]), "grid": np.zeros((2, 1), dtype=np.int32),
+            "n": np.int64(3), "gain": np.float32(0.5), "ok": np.bool_(True)}
+    assert json.loads(json.dumps(data, cls=LabDaemonJSONEncoder)) == {
+        "wl": [1.5, 2.5], "grid": [[0], [0]], "n": 3, "gain": 0.5, "ok": True
+    }
+    with pytest.raises(TypeError, match="object"):
+        json.dumps({"x": object()}, cls=LabDaemonJSONEncoder)
+
+
 # -- devices ----------------------------------------------------------------------------------
 
 
@@ -443,8 +491,74 @@ def test_device_class_whose_init_takes_no_device_id(compat: ld.LabDaemon) -> Non
     assert dev.device_id == "n1"  # set for the device's convenience
     serial = compat.add_device("k1", "KeywordOnly", port="COM3")
     assert (serial.port, serial.baud) == ("COM3", 9600)
-    with pytest.raises(ld.InvalidArgumentError, match=r"'NoDeviceId'.*\['bogus'\]"):
+    with pytest.raises(ld.InvalidArgumentError, match=r"'NoDeviceId'.*unexpected parameter 'bogus'"):
         compat.add_device("n2", "NoDeviceId", bogus=1)
+
+
+class Counted:
+    built = 0
+
+    def __init__(self, device_id: str, wavelength: float = 1550.0, power_mw: float = 1.0) -> None:
+        type(self).built += 1
+        self.device_id, self.wavelength = device_id, wavelength
+
+
+def test_a_misspelled_device_parameter_names_the_nearest_valid_one(compat: ld.LabDaemon) -> None:
+    compat.register_plugins(devices={"Counted": Counted})
+    before = Counted.built
+    with pytest.raises(ValueError, match=(
+        r"^Device type 'Counted': unexpected parameter 'wavelenght'; did you mean 'wavelength'\?"
+    )) as info:
+        compat.add_device("l1", "Counted", wavelenght=1550)
+    assert isinstance(info.value, ld.InvalidArgumentError)
+    assert "device_id" not in str(info.value).split("Its constructor")[0]
+    assert Counted.built == before, "the constructor must not run on bad parameters"
+    assert "l1" not in compat.device_ids()
+    with pytest.raises(ld.InvalidArgumentError, match=r"unexpected parameter 'colour' \(its "
+                       r"parameters: 'wavelength', 'power_mw'\)"):
+        compat.add_device("l1", "Counted", colour="red")
+    assert compat.add_device("l1", "Counted", wavelength=1310.0).wavelength == 1310.0
+
+
+class OptionalFirst:
+    def __init__(self, port: str = "COM1", baud: int = 9600) -> None:
+        self.port, self.baud = port, baud
+
+
+class PassThrough(Laser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+
+def test_the_device_id_never_lands_in_an_optional_first_parameter(compat: ld.LabDaemon) -> None:
+    compat.register_plugins(devices={"OptionalFirst": OptionalFirst, "PassThrough": PassThrough})
+    serial = compat.add_device("s1", "OptionalFirst", baud=115200)
+    assert (serial.port, serial.baud, serial.device_id) == ("COM1", 115200, "s1")
+    # *args passes through to a parent that takes the id, as LabDaemon's cls(device_id, ...)
+    laser = compat.add_device("p1", "PassThrough", address="GPIB0::7")
+    assert (laser.device_id, laser.address) == ("p1", "GPIB0::7")
+
+
+def test_a_misspelled_task_parameter_names_the_nearest_valid_one(compat: ld.LabDaemon) -> None:
+    compat.register_plugins(tasks={"Sleeper": Sleeper})
+    with pytest.raises(ld.InvalidArgumentError, match=(
+        r"^Task type 'Sleeper': unexpected parameter 'seeen'; did you mean 'seen'\?"
+    )) as info:
+        compat.execute_task("t1", "Sleeper", seeen=[])
+    assert "task_id" not in str(info.value).split("Its constructor")[0]
+    with pytest.raises(ld.UnknownTaskError):
+        compat.get_task("t1")  # nothing was created: the id is still free
+
+
+def test_a_misspelled_task_parameter_taken_by_kwargs_names_the_missing_one(
+    lab: ld.LabDaemon,
+) -> None:
+    # The sim sweep takes **kwargs, so 'stepz' is accepted and 'steps' is what is missing.
+    with pytest.raises(ld.InvalidArgumentError, match=(
+        r"missing required parameter 'steps' \(got 'stepz'; did you mean 'steps'\?\)"
+    )):
+        lab.execute_task("t1", "WavelengthSweep", laser_id="laser1", detector_id="pm1",
+                         start_wl=1549.0, stop_wl=1551.0, stepz=3)
 
 
 # -- tasks ------------------------------------------------------------------------------------

@@ -56,3 +56,32 @@ def test_importing_labd_does_not_load_the_testing_helpers() -> None:
     assert result.stdout.strip() == "False", (
         "`import labd` imported labd.testing; runtime code must not depend on test helpers"
     )
+
+
+def test_importing_labd_leaves_the_http_client_and_server_unloaded() -> None:
+    # ld.ServerAPI and friends are lazy: a script that never talks HTTP never pays for httpx.
+    heavy = ["labd.client", "labd.server", "labd.patterns", "httpx", "fastapi", "uvicorn"]
+    code = f"import sys, labd; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, f"`import labd` failed in a fresh interpreter:\n{result.stderr}"
+    assert result.stdout.strip() == "[]", f"`import labd` loaded {result.stdout.strip()}"
+
+
+def test_lazy_top_level_names_are_the_client_and_patterns_objects() -> None:
+    from labd import client, patterns
+
+    assert labd.ServerAPI is client.ServerAPI
+    assert labd.SSEClient is client.SSEClient
+    assert labd.ensure_server is patterns.ensure_server
+    assert labd.ensure_device is patterns.ensure_device
+
+
+def test_an_unknown_top_level_name_is_an_attribute_error() -> None:
+    try:
+        labd.NoSuchThing  # noqa: B018
+    except AttributeError as exc:
+        assert "NoSuchThing" in str(exc)
+    else:
+        raise AssertionError("labd.NoSuchThing should raise AttributeError")

@@ -55,8 +55,28 @@ from labd.streaming import StreamItem, Subscription
 from labd.tasks import TaskContext, TaskHandle, TaskState
 
 if TYPE_CHECKING:
-    from labd.client import RemoteDaemon
+    from labd.client import RemoteDaemon, ServerAPI, SSEClient
+    from labd.patterns import ensure_device, ensure_server
 
+# LabDaemon 1.0's top-level client names, loaded on first use: they need the ``server``
+# extra (httpx), and `import labd` stays light for scripts that never talk HTTP.
+_LAZY = {
+    "SSEClient": "labd.client",
+    "ServerAPI": "labd.client",
+    "ensure_device": "labd.patterns",
+    "ensure_server": "labd.patterns",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'labd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
 
 
 def connect(url: str = "http://127.0.0.1:5000", **kwargs: Any) -> RemoteDaemon:
@@ -97,6 +117,8 @@ __all__ = [
     "Lease",
     "LeaseError",
     "RunStore",
+    "SSEClient",
+    "ServerAPI",
     "ShutdownReport",
     "StoreError",
     "StreamItem",
@@ -117,6 +139,8 @@ __all__ = [
     "capture_metadata",
     "command",
     "connect",
+    "ensure_device",
+    "ensure_server",
     "load_hdf5",
     "load_json",
     "query",

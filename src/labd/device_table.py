@@ -12,14 +12,13 @@ is given: ``publish_event``, ``submit`` (a worker thread) and ``on_device_error`
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from labd.constructors import construct_device
 from labd.device_streams import DeviceStreams
 from labd.devices import DeviceSlot, DeviceState, rewrap_device, wrap_device
 from labd.errors import (
@@ -142,7 +141,7 @@ class DeviceTable:
                     f"A device with id {device_id!r} already exists ({self._slots[device_id].device_type}). "
                     "Pick another id or remove it first."
                 )
-        instance = self._construct_device(cls, device_id, device_type, params)
+        instance = construct_device(cls, device_id, device_type, params)
         timeout = getattr(instance, "labd_call_timeout", None) or self.call_timeout
         slot = DeviceSlot(
             device_id, device_type, instance, params, strict=self.strict,
@@ -159,32 +158,6 @@ class DeviceTable:
         self._publish_event({"event": "device_added", "device_id": device_id,
                              "device_type": device_type})
         return instance
-
-    @staticmethod
-    def _construct_device(cls: Any, device_id: str, device_type: str, params: dict[str, Any]) -> Any:
-        try:
-            return cls(device_id, **params)
-        except TypeError as first:
-            # A class whose __init__ takes no device_id still works (DESIGN.md 2.1).
-            try:
-                signature = inspect.signature(cls)
-            except (TypeError, ValueError):
-                raise first from None
-            try:
-                signature.bind(device_id, **params)
-            except TypeError:
-                try:
-                    signature.bind(**params)
-                except TypeError as exc:
-                    raise InvalidArgumentError(
-                        f"Device type {device_type!r} does not accept these parameters "
-                        f"{sorted(params)}: {exc}. Its constructor is {cls.__name__}{signature}."
-                    ) from first
-                instance = cls(**params)
-                with contextlib.suppress(AttributeError):
-                    instance.device_id = device_id
-                return instance
-            raise
 
     def remove_device(self, device_id: str, timeout: float | None = 2.0) -> None:
         """Stop streaming, disconnect and forget a device that no one owns."""

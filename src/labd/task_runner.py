@@ -12,7 +12,6 @@ cancels the ones it has and waits for them. It is each run's :class:`~labd.tasks
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import re
 import threading
@@ -21,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from labd.constructors import construct_task
 from labd.device_table import DeviceTable, check_id
 from labd.errors import (
     DaemonClosedError,
@@ -317,20 +317,7 @@ class TaskRunner:
 
 
 def _construct_task(cls: Any, task_id: str, task_type: str, params: dict[str, Any]) -> Any:
-    try:
-        instance = cls(task_id=task_id, **params)
-    except TypeError as exc:
-        try:
-            inspect.signature(cls).bind(task_id=task_id, **params)
-        except TypeError as bind_error:
-            raise InvalidArgumentError(
-                f"Task type {task_type!r} does not accept parameters {sorted(params)}: "
-                f"{bind_error}. Its constructor is {getattr(cls, '__name__', cls)}"
-                f"{inspect.signature(cls)}."
-            ) from exc
-        except ValueError:
-            pass
-        raise
+    instance = construct_task(cls, task_id, task_type, params)
     if not callable(getattr(instance, "run", None)):
         raise InvalidArgumentError(
             f"Task type {task_type!r}: the object built by {cls!r} has no run(context) method."

@@ -3,6 +3,8 @@
 Kept so that ``from labdaemon.utils import save_json`` becomes ``from labd.utils import
 save_json`` with nothing else changed. New code should use ``labd.save_json`` and friends.
 
+- :class:`LabDaemonJSONEncoder`: ``json.dumps(data, cls=LabDaemonJSONEncoder)`` writes NumPy
+  arrays as lists and NumPy scalars as numbers.
 - :func:`save_data` / :func:`load_data` pick JSON (``.json``) or HDF5 (``.h5``, ``.hdf5``)
   from the extension (or ``format=``). A JSON file holds ``{"data": ..., "metadata": ...}``
   with :func:`labd.capture_metadata` merged with your keyword metadata, as in LabDaemon.
@@ -10,15 +12,36 @@ save_json`` with nothing else changed. New code should use ``labd.save_json`` an
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from labd.errors import InvalidArgumentError
 from labd.io import capture_metadata, load_hdf5, load_json, save_hdf5, save_json
 
-__all__ = ["capture_metadata", "load_data", "load_hdf5", "load_json", "save_data", "save_hdf5",
-           "save_json"]
+__all__ = ["LabDaemonJSONEncoder", "capture_metadata", "load_data", "load_hdf5", "load_json",
+           "save_data", "save_hdf5", "save_json"]
+
+
+class LabDaemonJSONEncoder(json.JSONEncoder):
+    """A JSON encoder for NumPy data, as LabDaemon's: arrays become lists, scalars numbers.
+
+    For code that calls ``json.dump(..., cls=LabDaemonJSONEncoder)`` itself; labd's own
+    :func:`labd.save_json` also handles sets, complex numbers and non-finite floats. Example::
+
+        json.dumps({"power": np.array([1.0, 2.0]), "n": np.int64(3)}, cls=LabDaemonJSONEncoder)
+    """
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, np.generic):  # np.int64, np.float32, np.bool_, ...
+            return o.item()
+        return super().default(o)
+
 
 _FORMATS = {".json": "json", ".h5": "hdf5", ".hdf5": "hdf5"}
 
