@@ -388,7 +388,9 @@ def test_device_methods_describe_parameters(daemon: ld.LabDaemon, stage: Stage) 
     move = methods["move"]
     assert move["kind"] == "command"
     assert move["doc"].startswith("Move to (x, y).")
-    assert move["returns"] == "str"
+    assert move["query"] is False
+    assert move["returns"] == {"type": "string"}
+    assert move["returns_annotation"] == "str"
     assert move["parameters"] == [
         {
             "name": "x",
@@ -396,6 +398,8 @@ def test_device_methods_describe_parameters(daemon: ld.LabDaemon, stage: Stage) 
             "default": None,
             "annotation": "float",
             "kind": "positional_or_keyword",
+            "schema": {"type": "number"},
+            "type": "number",
         },
         {
             "name": "y",
@@ -403,6 +407,8 @@ def test_device_methods_describe_parameters(daemon: ld.LabDaemon, stage: Stage) 
             "default": 0.0,
             "annotation": "float",
             "kind": "positional_or_keyword",
+            "schema": {"type": "number"},
+            "type": "number",
         },
         {
             "name": "speed",
@@ -410,6 +416,8 @@ def test_device_methods_describe_parameters(daemon: ld.LabDaemon, stage: Stage) 
             "default": 1,
             "annotation": "int",
             "kind": "keyword_only",
+            "schema": {"type": "integer"},
+            "type": "integer",
         },
     ]
     assert methods["home"]["parameters"] == []

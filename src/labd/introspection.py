@@ -13,48 +13,30 @@ from typing import Any
 
 from labd.devices import DeviceSlot
 from labd.errors import InvalidArgumentError, UnknownNameError, describe_choices
+from labd.signatures import signature_of, unexpected_name_message
 
 __all__ = ["check_call", "describe_method"]
 
 
-def _annotation(value: Any) -> str | None:
-    if value is inspect.Parameter.empty:
-        return None
-    if isinstance(value, str):
-        return value
-    return getattr(value, "__name__", None) or repr(value)
-
-
-def _default(value: Any) -> Any:
-    if value is inspect.Parameter.empty:
-        return None
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return repr(value)
-
-
 def describe_method(name: str, bound: Callable[..., Any], kind: str) -> dict[str, Any]:
-    """Name, kind, parameters (name, required, default, annotation, kind) and doc of a method."""
-    params: list[dict[str, Any]] = []
-    returns = None
-    try:
-        signature = inspect.signature(bound)
-        returns = _annotation(signature.return_annotation)
-        for p in signature.parameters.values():
-            params.append({
-                "name": p.name,
-                "required": p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD),
-                "default": _default(p.default),
-                "annotation": _annotation(p.annotation),
-                "kind": p.kind.name.lower(),
-            })
-    except (TypeError, ValueError):
-        pass
+    """Name, kind, parameters, return schema and doc of a method (``GET /devices/{id}/methods``).
+
+    Each parameter is ``{"name", "required", "default", "annotation", "kind", "schema",
+    "type"}`` (:meth:`labd.signatures.SignatureParameter.describe`); ``schema`` is the JSON
+    Schema of its annotation (``{}`` when unannotated). ``kind`` is ``"query"`` or
+    ``"command"``, and ``query`` says the same as a bool; ``returns`` is the JSON Schema of
+    the return annotation and ``returns_annotation`` its text.
+    """
+    signature = signature_of(bound)
+    params = signature.describe() if signature is not None else []
+    returns_text, returns = signature.returns() if signature is not None else (None, {})
     return {
         "name": name,
         "kind": kind,
+        "query": kind == "query",
         "parameters": params,
         "returns": returns,
+        "returns_annotation": returns_text,
         "doc": inspect.getdoc(bound),
     }
 
@@ -102,7 +84,18 @@ def check_call(
             signature.bind(*(args or ()), **dict(kwargs or {}))
         except TypeError as exc:
             raise InvalidArgumentError(
-                f"Bad arguments for {slot.device_id}.{method}{signature}: {exc}."
+                f"Bad arguments for {slot.device_id}.{method}{signature}: "
+                f"{_diagnose(signature, kwargs) or exc}."
             ) from None
     bound: Callable[..., Any] = getattr(slot.instance, method)
     return bound
+
+
+def _diagnose(signature: inspect.Signature, kwargs: Mapping[str, Any] | None) -> str | None:
+    """``unexpected parameter 'wavelenght'; did you mean 'wavelength'?`` for a misspelt keyword."""
+    params = signature.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs or {} if k not in names]
+    return "; ".join(unexpected_name_message(k, names) for k in unknown) or None
