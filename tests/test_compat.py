@@ -636,3 +636,52 @@ def test_task_handle_methods(compat: ld.LabDaemon) -> None:
         handle.wait(timeout=WAIT_S)
     assert not handle.is_running() and not handle.is_paused()
     assert handle.result == {"status": "cancelled", "value": 3}
+
+
+# -- messages: LabDaemon's words first (its users match on them), then labd's diagnosis ------
+
+
+class Boom:
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+
+    def run(self, context: Any) -> Any:
+        raise RuntimeError("boom")
+
+
+def test_messages_start_with_labdaemon_s_text(compat: ld.LabDaemon) -> None:
+    compat.register_plugins(tasks={"Sleeper": Sleeper, "Boom": Boom})
+    compat.add_device("laser1", "Laser")
+
+    def message(call: Any) -> str:
+        with pytest.raises(Exception) as info:
+            call()
+        return str(info.value)
+
+    expected = {
+        "Unknown device type: 'Nope'. ": lambda: compat.add_device("x", "Nope"),
+        "Device with ID 'laser1' already exists. ": lambda: compat.add_device("laser1", "Laser"),
+        "No device found with ID: 'ghost'. ": lambda: compat.get_device("ghost"),
+        "Unknown task type: 'Nope'. ": lambda: compat.execute_task("x", "Nope"),
+        "Device 'laser1' does not support streaming. ": (
+            lambda: compat.start_streaming("laser1", lambda data: None)
+        ),
+    }
+    for prefix, call in expected.items():
+        assert message(call).startswith(prefix), (prefix, message(call))
+
+    started = threading.Event()
+    handle = compat.execute_task("t1", "Sleeper", started=started)
+    assert started.wait(WAIT_S)
+    assert message(lambda: compat.execute_task("t1", "Sleeper")).startswith(
+        "Task with ID 't1' is already running. "
+    )
+    assert message(lambda: handle.wait(timeout=0.01)).startswith("Wait timed out for task 't1'. ")
+    handle.cancel()
+    with pytest.raises(ld.TaskCancelledError):
+        handle.wait(WAIT_S)
+    assert message(lambda: compat.execute_task("t1", "Sleeper")).startswith(
+        "Task ID 't1' has been used recently. "
+    )
+    failed = compat.execute_task("b1", "Boom")
+    assert message(lambda: failed.wait(WAIT_S)).startswith("Task 'b1' failed during execution. ")

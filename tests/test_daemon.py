@@ -151,7 +151,7 @@ def test_duplicate_device_id_is_refused_before_constructing(lab: ld.LabDaemon) -
     original = lab.get_device("laser1")
     constructed = Laser.constructed
     before = snapshot(lab)
-    with pytest.raises(ld.InvalidArgumentError, match=r"'laser1' already exists \(Laser\)"):
+    with pytest.raises(ld.InvalidArgumentError, match=r"^Device with ID 'laser1' already exists\. It is a Laser;"):
         lab.add_device("laser1", "Laser", address="GPIB0::9")
     assert Laser.constructed == constructed
     assert lab.get_device("laser1") is original
@@ -166,7 +166,7 @@ def test_duplicate_task_id_of_a_live_run_is_refused(lab: ld.LabDaemon) -> None:
     assert started.wait(WAIT_S)
     runs = Quick.runs
     with pytest.raises(
-        ld.InvalidArgumentError, match=r"'t1'.*running run of Blocker.*task_id=None"
+        ld.InvalidArgumentError, match=r"^Task with ID 't1' is already running\..*running run of Blocker.*task_id=None"
     ):
         lab.execute_task("t1", "Quick")
     assert Quick.runs == runs
@@ -177,7 +177,7 @@ def test_duplicate_task_id_of_a_live_run_is_refused(lab: ld.LabDaemon) -> None:
 
 def test_duplicate_task_id_of_a_retained_run_is_refused(lab: ld.LabDaemon) -> None:
     assert lab.execute_task("q1", "Quick", value=5).wait(WAIT_S) == 5
-    with pytest.raises(ld.InvalidArgumentError, match=r"'q1'.*completed run of Quick"):
+    with pytest.raises(ld.InvalidArgumentError, match=r"^Task ID 'q1' has been used recently\..*completed run of Quick"):
         lab.execute_task("q1", "Quick", value=6)
     assert lab.get_task("q1").wait(WAIT_S) == 5  # the retained run is untouched
 

@@ -170,7 +170,7 @@ def test_cancelling_a_pending_run_means_it_never_starts(daemon_t: ld.LabDaemon) 
 
 def test_failed_when_run_raises(daemon_t: ld.LabDaemon) -> None:
     handle = daemon_t.execute_task("t1", "Scripted", script=["raise"])
-    with pytest.raises(ld.TaskFailedError, match=r"'t1' \(Scripted\) failed: boom in run") as info:
+    with pytest.raises(ld.TaskFailedError, match=r"^Task 't1' failed during execution\. Scripted failed: boom in run") as info:
         handle.wait(WAIT_S)
     original = handle.exception()
     assert isinstance(original, RuntimeError) and str(original) == "boom in run"

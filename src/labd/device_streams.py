@@ -121,8 +121,9 @@ class DeviceStreams:
         start = slot.originals.get("start_streaming")
         if start is None or "stop_streaming" not in slot.originals:
             raise DeviceOperationError(
-                f"Device {slot.device_id!r} ({slot.device_type}) does not stream: its class has no "
-                "start_streaming(callback, **kw) / stop_streaming(timeout=None) methods."
+                f"Device '{slot.device_id}' does not support streaming. Its class "
+                f"{slot.device_type} has no start_streaming(callback, **kw) / "
+                "stop_streaming(timeout=None) methods."
             )
         if callback is not None and not callable(callback):
             raise InvalidArgumentError(f"callback must be callable, got {type(callback).__name__}")

@@ -100,7 +100,7 @@ class DeviceTable:
         found = self._slots.get(device_id) if isinstance(device_id, str) else None
         if found is None:
             raise UnknownDeviceError(
-                f"No device with id {device_id!r}. Devices: {describe_choices(self._slots)}."
+                f"No device found with ID: '{device_id}'. Devices: {describe_choices(self._slots)}."
             )
         return found
 
@@ -138,8 +138,8 @@ class DeviceTable:
         with self._lock:
             if device_id in self._slots:
                 raise InvalidArgumentError(
-                    f"A device with id {device_id!r} already exists ({self._slots[device_id].device_type}). "
-                    "Pick another id or remove it first."
+                    f"Device with ID '{device_id}' already exists. It is a "
+                    f"{self._slots[device_id].device_type}; pick another id or remove it first."
                 )
         instance = construct_device(cls, device_id, device_type, params)
         timeout = getattr(instance, "labd_call_timeout", None) or self.call_timeout
@@ -150,7 +150,10 @@ class DeviceTable:
         wrap_device(slot)
         with self._lock:
             if device_id in self._slots:
-                raise InvalidArgumentError(f"A device with id {device_id!r} already exists.")
+                raise InvalidArgumentError(
+                    f"Device with ID '{device_id}' already exists. It was added while this one "
+                    "was being built; pick another id."
+                )
             self._slots[device_id] = slot
         self.streams.add(slot)
         if not callable(getattr(instance, "connect", None)):

@@ -86,7 +86,7 @@ class PluginRegistry:
             return self._devices[device_type]
         except (KeyError, TypeError):
             raise UnknownDeviceTypeError(
-                f"Unknown device type {device_type!r}. Registered device types: "
+                f"Unknown device type: '{device_type}'. Registered device types: "
                 f"{describe_choices(self._devices)}. Register it with "
                 "daemon.register_plugins(devices={...})."
             ) from None
@@ -97,7 +97,7 @@ class PluginRegistry:
             return self._tasks[task_type]
         except (KeyError, TypeError):
             raise UnknownTaskTypeError(
-                f"Unknown task type {task_type!r}. Registered task types: "
+                f"Unknown task type: '{task_type}'. Registered task types: "
                 f"{describe_choices(self._tasks)}. Register it with "
                 "daemon.register_plugins(tasks={...})."
             ) from None

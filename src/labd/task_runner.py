@@ -183,10 +183,13 @@ class TaskRunner:
     def _check_task_id_free(self, task_id: str) -> None:
         existing = self._runs.get(task_id)
         if existing is not None:
+            # LabDaemon's own words first (its users' code matches on them), then labd's.
+            said = (f"Task ID '{task_id}' has been used recently." if existing.state.finished
+                    else f"Task with ID '{task_id}' is already running.")
             raise InvalidArgumentError(
-                f"Task id {task_id!r} is already used by a {existing.state.value} run of "
-                f"{existing.task_type}. Task ids are unique among live and retained runs; "
-                "pick another id or pass task_id=None to generate one."
+                f"{said} It names a {existing.state.value} run of {existing.task_type}; task ids "
+                "are unique among live and retained runs: pick another id or pass task_id=None "
+                "to generate one."
             )
 
     def _task_device_ids(self, instance: Any, task_id: str) -> tuple[str, ...]:

@@ -427,7 +427,8 @@ class TaskHandle:
         run = self._run
         if not run.done_event.wait(timeout):
             raise TimeoutError(
-                f"Task {self.task_id!r} is still {run.state.value} after waiting {timeout} s."
+                f"Wait timed out for task '{self.task_id}'. It is still {run.state.value} after "
+                f"{timeout} s; wait longer, or cancel() it."
             )
         state = run.state
         if state is TaskState.COMPLETED:
@@ -438,7 +439,8 @@ class TaskHandle:
             ) from run.exception
         error = run.error.message if run.error else state.value
         raise TaskFailedError(
-            f"Task {self.task_id!r} ({run.task_type}) failed: {error}", result=run.result
+            f"Task '{self.task_id}' failed during execution. {run.task_type} failed: {error}",
+            result=run.result,
         ) from run.exception
 
     def cancel(self) -> None:
