@@ -561,6 +561,33 @@ def test_a_misspelled_task_parameter_taken_by_kwargs_names_the_missing_one(
                          start_wl=1549.0, stop_wl=1551.0, stepz=3)
 
 
+def test_owned_by_is_the_owner_s_id_as_labdaemon_gives_it(compat: ld.LabDaemon) -> None:
+    # device_info is the shape of GET /devices/{id}; LabDaemon's clients read owned_by as an id.
+    compat.register_plugins(tasks={"Sleeper": Sleeper})
+    compat.add_device("laser1", "Laser")
+    info = compat.device_info("laser1")
+    assert (info["owned_by"], info["owner_kind"], info["owner_id"], info["owner_label"]) == (
+        None, None, None, None
+    )
+    with compat.claim(["laser1"], owner="alice", ttl=30) as lease:
+        info = compat.device_info("laser1")
+        assert (info["owned_by"], info["owner_kind"], info["owner_id"], info["owner_label"]) == (
+            "alice", "lease", lease.lease_id, f"lease {lease.lease_id!r} of 'alice'"
+        )
+
+    class Holder(Sleeper):
+        device_ids = ["laser1"]
+
+    compat.register_plugins(tasks={"Holder": Holder})
+    started = threading.Event()
+    with compat.task_context("sweep1", "Holder", started=started):
+        assert started.wait(WAIT_S)
+        info = compat.device_info("laser1")
+        assert (info["owned_by"], info["owner_kind"], info["owner_id"], info["owner_label"]) == (
+            "sweep1", "task", "sweep1", "task 'sweep1'"
+        )
+
+
 # -- tasks ------------------------------------------------------------------------------------
 
 

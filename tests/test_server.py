@@ -270,7 +270,8 @@ def test_connect_failure_is_502_and_the_stored_error_keeps_the_traceback(client:
     stored = client.get("/devices/bad/error").json()["error"]
     assert "simulated connection failure" in stored["message"]
     assert "Traceback" in stored["traceback"]
-    assert client.delete("/devices/bad/error").status_code == 204
+    cleared = client.delete("/devices/bad/error")  # 200 with JSON: LabDaemon's client parses it
+    assert (cleared.status_code, cleared.json()) == (200, {"status": "cleared", "device_id": "bad"})
     assert client.get("/devices/bad/error").json() == {"error": None}
 
 
@@ -371,7 +372,8 @@ def test_failed_task_error_endpoints(client: httpx.Client, srv: RunningServer) -
     assert info["status"] == "failed" and info["error"]["traceback"] is None
     stored = client.get("/tasks/f1/error").json()["error"]
     assert stored["type"] == "RuntimeError" and "sweep exploded" in stored["traceback"]
-    assert client.delete("/tasks/f1/error").status_code == 204
+    cleared = client.delete("/tasks/f1/error")  # 200 with JSON: LabDaemon's client parses it
+    assert (cleared.status_code, cleared.json()) == (200, {"status": "cleared", "task_id": "f1"})
     assert client.get("/tasks/f1/error").json() == {"error": None}
 
 
@@ -405,7 +407,10 @@ def test_twenty_concurrent_task_starts_claim_the_device_exactly_once(
     assert busy["context"]["busy"][0]["device_id"] == "dev1"
     assert busy["context"]["busy"][0]["owner_id"] == winner
 
-    assert client.get("/devices/dev1").json()["owned_by"] == f"task {winner!r}"
+    owned = client.get("/devices/dev1").json()
+    assert (owned["owned_by"], owned["owner_kind"], owned["owner_id"], owned["owner_label"]) == (
+        winner, "task", winner, f"task {winner!r}"  # owned_by: LabDaemon's shape, the task id
+    )
     assert client.post("/devices/dev1/call", json={"method": "get_value"}).status_code == 200
     refused = client.post("/devices/dev1/call", json={"method": "set_value", "args": [1.0]})
     assert refused.status_code == 409

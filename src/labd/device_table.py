@@ -32,7 +32,7 @@ from labd.errors import (
     describe_choices,
     iso_from_timestamp,
 )
-from labd.ownership import Actor, ClaimRegistry, acting_as, current_actor
+from labd.ownership import Actor, ClaimRegistry, Lease, Owner, acting_as, current_actor
 from labd.secrets import redact
 from labd.streaming import StreamHub, Subscription
 
@@ -53,6 +53,13 @@ def check_id(value: object, what: str) -> str:
             f"Invalid {what} {value!r}: use 1 to 128 letters, digits or the characters _ - . :"
         )
     return value
+
+
+def _owned_by(owner: Owner | None) -> str | None:
+    """``owned_by`` as LabDaemon gives it: the task id, or the holder of a lease."""
+    if owner is None:
+        return None
+    return owner.holder if isinstance(owner, Lease) else owner.owner_id
 
 
 class DeviceTable:
@@ -188,16 +195,19 @@ class DeviceTable:
         """JSON-ready state of one device (the shape of ``GET /devices/{id}``)."""
         slot = self.slot(device_id)
         owner = self._claims.owner_of(device_id)
-
+        holder = owner[0] if owner else None
         return {
             "device_id": slot.device_id,
             "device_type": slot.device_type,
             "state": slot.state.value,
             "connected": slot.state is DeviceState.CONNECTED,
             "streaming": self.streams.is_streaming(slot),
-            "owned_by": owner[0].label if owner else None,
-            "owner_kind": owner[0].kind if owner else None,
-            "owner_id": owner[0].owner_id if owner else None,
+            # LabDaemon's shape: the owner's id (a task's id, a lease's holder); labd's detail
+            # (what kind of owner, its own id, a label for people) in fields of its own.
+            "owned_by": _owned_by(holder),
+            "owner_kind": holder.kind if holder else None,
+            "owner_id": holder.owner_id if holder else None,
+            "owner_label": holder.label if holder else None,
             "owned_since": iso_from_timestamp(owner[1]) if owner else None,
             "claims_waiting": self._claims.waiting_for(device_id),  # FIFO order: next first
             "unresponsive": slot.unresponsive,

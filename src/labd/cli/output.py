@@ -107,7 +107,7 @@ def devices_table(devices: Iterable[Mapping[str, Any]]) -> Table:
             str(info.get("device_type", "?")),
             status_text(info.get("state")),
             "yes" if info.get("streaming") else "no",
-            str(info.get("owned_by") or "-"),
+            str(info.get("owner_label") or info.get("owned_by") or "-"),
             Text(_short(error), style="red") if error else Text("-", style="dim"),
         )
     return table

@@ -195,9 +195,9 @@ async def get_device_error(
 
 
 async def clear_device_error(device_id: DeviceIdPath, ctx: Ctx) -> Response:
-    """Forget the device's last error."""
+    """Forget the device's last error. A JSON answer: LabDaemon's ServerAPI parses every one."""
     ctx.daemon.clear_device_error(device_id)
-    return Response(status_code=204)
+    return json_response({"status": "cleared", "device_id": device_id})
 
 
 async def stop_device_stream(
@@ -227,6 +227,6 @@ ROUTES = [
     RouteSpec("POST", "/devices/{device_id}/disconnect", disconnect_device),
     RouteSpec("POST", "/devices/{device_id}/call", call_device, openapi_extra=CALL_OPENAPI),
     RouteSpec("GET", "/devices/{device_id}/error", get_device_error),
-    RouteSpec("DELETE", "/devices/{device_id}/error", clear_device_error, 204),
+    RouteSpec("DELETE", "/devices/{device_id}/error", clear_device_error),
     RouteSpec("POST", "/devices/{device_id}/stream/stop", stop_device_stream),
 ]

@@ -138,9 +138,9 @@ async def get_task_error(
 
 
 async def clear_task_error(task_id: TaskIdPath, ctx: Ctx) -> Response:
-    """Forget the run's error record."""
+    """Forget the run's error record. A JSON answer: LabDaemon's ServerAPI parses every one."""
     ctx.daemon.clear_task_error(task_id)
-    return Response(status_code=204)
+    return json_response({"status": "cleared", "task_id": task_id})
 
 
 async def cancel_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
@@ -201,7 +201,7 @@ ROUTES = [
     RouteSpec("POST", "/tasks", start_task, 201),
     RouteSpec("GET", "/tasks/{task_id}", get_task),
     RouteSpec("GET", "/tasks/{task_id}/error", get_task_error),
-    RouteSpec("DELETE", "/tasks/{task_id}/error", clear_task_error, 204),
+    RouteSpec("DELETE", "/tasks/{task_id}/error", clear_task_error),
     RouteSpec("POST", "/tasks/{task_id}/cancel", cancel_task),
     RouteSpec("POST", "/tasks/{task_id}/pause", pause_task),
     RouteSpec("POST", "/tasks/{task_id}/resume", resume_task),
