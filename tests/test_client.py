@@ -108,6 +108,10 @@ def endpoint_tour() -> Generator[Step, Any, None]:
     assert laser["device_type"] == "SimLaser" and laser["connected"] is True
     methods = yield ("get_device_methods", ("laser1",), {})
     assert {"set_wavelength", "get_wavelength"} <= {m["name"] for m in methods["methods"]}
+    device_types = yield ("device_types", (), {})
+    assert "SimLaser" in {t["name"] for t in device_types["device_types"]}
+    task_types = yield ("task_types", (), {})
+    assert "WavelengthSweep" in {t["name"] for t in task_types["task_types"]}
     added = yield ("add_device", ("laser9", "SimLaser"), {"settling_time": 0.0})
     assert added["device_id"] == "laser9" and added["connected"] is False
     connected = yield ("connect_device", ("laser9",), {"timeout": 5.0})

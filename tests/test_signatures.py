@@ -58,7 +58,7 @@ class Laser:
 def _validate(method: Any, *args: Any, **kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
     sig = signature_of(method)
     assert sig is not None
-    return sig.validate(args, kwargs, "laser1." + method.__name__)
+    return sig.validate(args, kwargs, f"laser1.{method.__name__}()")
 
 
 def _refused(method: Any, *args: Any, **kwargs: Any) -> ParameterValidationError:

@@ -19,8 +19,8 @@ and the misspelt-name diagnosis still work and values are passed through unconve
 Example::
 
     sig = signature_of(laser.set_wavelength)          # def set_wavelength(self, nm: float)
-    sig.validate([1550], {}, "laser1.set_wavelength")  # ([1550.0], {})
-    sig.validate(["abc"], {}, "laser1.set_wavelength") # ParameterValidationError (422)
+    sig.validate([1550], {}, "laser1.set_wavelength()")   # ([1550.0], {})
+    sig.validate(["abc"], {}, "laser1.set_wavelength()")  # ParameterValidationError (422)
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "ParameterValidationError",
     "SignatureParameter",
     "constructor_signature",
+    "device_constructor_signature",
     "nearest_name",
     "signature_of",
     "type_text",
@@ -237,7 +238,7 @@ class CallableSignature:
     ) -> tuple[list[Any], dict[str, Any]]:
         """``(args, kwargs)`` bound, validated and converted, or :class:`ParameterValidationError`.
 
-        ``what`` names the callable in the message (``"laser1.set_wavelength"``). Every bad,
+        ``what`` names the callable in the message (``"laser1.set_wavelength()"``). Every bad,
         missing or unexpected parameter is reported, not only the first.
         """
         errors: list[dict[str, Any]] = []
@@ -329,7 +330,7 @@ def _show(value: Any) -> str:
 def _message(what: str, errors: list[dict[str, Any]]) -> str:
     problems = "; ".join(str(e["message"]) for e in errors)
     end = "" if problems.endswith("?") else "."
-    return f"Invalid arguments for {what}(): {problems}{end} Nothing was called."
+    return f"Invalid arguments for {what}: {problems}{end} Nothing was done."
 
 
 def _type_hints(func: Callable[..., Any]) -> dict[str, Any]:
@@ -393,6 +394,24 @@ def constructor_signature(cls: type, skip: Iterable[str] = ()) -> CallableSignat
         if skipped not in per_class:
             per_class[skipped] = _compute(cls, skipped)
         return per_class[skipped]
+
+
+def device_constructor_signature(
+    cls: type, given: Iterable[str] = (),
+) -> CallableSignature | None:
+    """The parameters of a device class that a caller gives by name (``add_device`` keywords).
+
+    Leaves out ``device_id`` and the parameter the id fills, as :mod:`labd.constructors`
+    decides it: a first positional parameter that is required and not in ``given`` receives
+    the id positionally (LabDaemon's ``cls(device_id, **params)``).
+    """
+    base = constructor_signature(cls, {"device_id"})
+    if base is None or not base.parameters:
+        return base
+    first = base.parameters[0]
+    if first.kind in _POSITIONAL and first.required and first.name not in set(given):
+        return constructor_signature(cls, {"device_id", first.name})
+    return base
 
 
 def _compute(func: Callable[..., Any], skip: frozenset[str]) -> CallableSignature | None:

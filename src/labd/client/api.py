@@ -177,6 +177,18 @@ class Endpoints(RunHistoryEndpoints[R], Generic[R]):
         """``{"methods": [{"name", "kind", "parameters", "returns", "doc"}, ...]}``."""
         return self._send(Call("GET", path("devices", device_id, "methods")))
 
+    def device_types(self) -> R:
+        """``{"device_types": [{"name", "class", "doc", "parameters"}, ...]}``: what may be added.
+
+        Each parameter has ``name``, ``required``, ``default``, ``kind`` and ``schema`` (JSON
+        Schema of its annotation); the device id is not among them.
+        """
+        return self._send(Call("GET", "/device-types"))
+
+    def task_types(self) -> R:
+        """``{"task_types": [{"name", "class", "doc", "parameters"}, ...]}``: what may be run."""
+        return self._send(Call("GET", "/task-types"))
+
     def add_device(
         self,
         device_id: str,

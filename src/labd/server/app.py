@@ -26,6 +26,7 @@ from labd.server import (
     routes_meta,
     routes_runs,
     routes_tasks,
+    routes_types,
     sse,
 )
 from labd.server.auth import BearerAuthMiddleware, required_role
@@ -52,6 +53,7 @@ ROUTES = [
     *routes_meta.ROUTES,
     *routes_devices.ROUTES,
     *routes_tasks.ROUTES,
+    *routes_types.ROUTES,
     *routes_leases.ROUTES,
     *routes_runs.ROUTES,
     *sse.ROUTES,

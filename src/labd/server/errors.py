@@ -33,6 +33,7 @@ from labd.errors import (
     UnknownNameError,
 )
 from labd.server.encoding import UnserializableResult
+from labd.signatures import ParameterValidationError
 
 __all__ = [
     "DeviceOverloaded",
@@ -94,6 +95,9 @@ class PayloadTooLarge(HTTPException):
 #: exception class -> (HTTP status, error origin). Looked up along the exception's MRO.
 STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     UnknownNameError: (404, "framework"),
+    # Arguments that do not fit the annotations of a method or constructor: the request is
+    # well formed, its values are not (context.errors names each parameter).
+    ParameterValidationError: (422, "framework"),
     InvalidArgumentError: (400, "framework"),
     DeviceBusyError: (409, "framework"),
     LeaseError: (409, "framework"),

@@ -36,6 +36,7 @@ from labd.server.models import (
     TimeoutQuery,
 )
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
+from labd.signatures import device_constructor_signature, signature_of
 
 __all__ = ["ROUTES"]
 
@@ -78,10 +79,11 @@ async def add_device(
         raise InvalidArgumentError(
             f"params must not contain {clash}: device_id and device_type are fields of the body.")
     daemon, device_id = ctx.daemon, body.device_id
+    params = _validated_params(daemon.device_class(body.device_type), body)
 
     def job() -> bytes:
         with acting_as(actor):
-            guard_device_code(lambda: daemon.add_device(device_id, body.device_type, **body.params),
+            guard_device_code(lambda: daemon.add_device(device_id, body.device_type, **params),
                               device_id, f"{body.device_type}(...) constructor")
             if body.connect:
                 daemon.connect_device(device_id)
@@ -90,6 +92,15 @@ async def add_device(
     info = await ctx.run_for_device(device_id, job, what=f"adding device {device_id!r}",
                                     timeout=timeout)
     return json_bytes_response(info, status_code=201)
+
+
+def _validated_params(cls: Any, body: AddDeviceRequest) -> dict[str, Any]:
+    """``body.params`` checked and converted against the constructor's annotations (422)."""
+    signature = device_constructor_signature(cls, body.params) if isinstance(cls, type) else None
+    if signature is None:
+        return body.params
+    _, params = signature.validate((), body.params, f"device type {body.device_type!r}")
+    return params
 
 
 async def connect_device(
@@ -124,6 +135,20 @@ async def disconnect_device(
 
     info = await ctx.run_for_device(device_id, job, what=f"{device_id}.disconnect()", timeout=timeout)
     return json_bytes_response(info)
+
+
+def _validated_args(
+    slot: DeviceSlot, method: str, args: list[Any], kwargs: dict[str, Any],
+) -> tuple[list[Any], dict[str, Any]]:
+    """Arguments checked and converted against the method's annotations (422), on the loop.
+
+    An unknown or private name passes through: the core's check says why (404/400).
+    """
+    original = slot.originals.get(method)
+    signature = signature_of(original) if original is not None else None
+    if signature is None:
+        return args, kwargs
+    return signature.validate(args, kwargs, f"{slot.device_id}.{method}()")
 
 
 def _check_callable(slot: DeviceSlot, method: str, token: Token | None) -> None:
@@ -164,18 +189,21 @@ async def call_device(request: Request) -> Response:
     timeout = timeout_query(request, ctx.settings.max_request_timeout)
     body = call_body(await request.body())
     what = f"{device_id}.{body.method}()"
+    args, kwargs = body.args, body.kwargs
 
     def job() -> bytes:
         result: Any = guard_device_code(
-            lambda: ctx.daemon.call_device(device_id, body.method, body.args, body.kwargs,
-                                           actor=actor),
+            lambda: ctx.daemon.call_device(device_id, body.method, args, kwargs, actor=actor),
             device_id, what)
         return b'{"result":' + dumps(result, f"the result of {what}") + b',"success":true}'
 
     labels = ctx.known_method(device_id, body.method)
     try:
-        # On the loop, before any work is offloaded: an unknown id is 404 (not 504).
-        _check_callable(ctx.daemon.device_slot(device_id), body.method, current_token(request))
+        # On the loop, before any work is offloaded: an unknown id is 404 (not 504), and
+        # arguments that do not fit the annotations are 422 before the device lock is taken.
+        slot = ctx.daemon.device_slot(device_id)
+        _check_callable(slot, body.method, current_token(request))
+        args, kwargs = _validated_args(slot, body.method, args, kwargs)
         payload = await ctx.run_for_device(device_id, job, what=what, timeout=timeout)
     except Exception as exc:
         outcome = type(exc).__name__ if isinstance(exc, LabDaemonException | TypeError) else "error"

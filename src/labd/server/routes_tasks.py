@@ -36,6 +36,7 @@ from labd.server.models import (
     TimeoutQuery,
 )
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
+from labd.signatures import constructor_signature
 from labd.tasks import TaskHandle
 
 __all__ = ["ROUTES"]
@@ -96,10 +97,19 @@ async def get_task(task_id: TaskIdPath, ctx: Ctx, timeout: TimeoutQuery = None) 
     return json_bytes_response(body)
 
 
-def _start(ctx: ServerContext, body: TaskRequest) -> dict[str, Any]:
+def _validated_params(cls: Any, body: TaskRequest) -> dict[str, Any]:
+    """``body.params`` checked and converted against the task's constructor annotations (422)."""
+    signature = constructor_signature(cls, {"task_id"}) if isinstance(cls, type) else None
+    if signature is None:
+        return body.params
+    _, params = signature.validate((), body.params, f"task type {body.task_type!r}")
+    return params
+
+
+def _start(ctx: ServerContext, body: TaskRequest, params: dict[str, Any]) -> dict[str, Any]:
     try:
         handle = ctx.daemon.execute_task(
-            body.task_id, body.task_type, wait_for_devices=body.wait_for_devices, **body.params)
+            body.task_id, body.task_type, wait_for_devices=body.wait_for_devices, **params)
     except LabDaemonException:
         raise
     except Exception as exc:  # raised by the task class's constructor
@@ -119,10 +129,12 @@ async def start_task(
     if clash:
         raise InvalidArgumentError(
             f"params must not contain {clash}: those are fields of the request body itself.")
+    # Before any run exists: a parameter that does not fit the annotations is 422, no run.
+    params = _validated_params(ctx.daemon.task_class(body.task_type), body)
 
     def job() -> dict[str, Any]:
         with acting_as(actor):
-            return _start(ctx, body)
+            return _start(ctx, body, params)
 
     started = await ctx.run(job, what=f"starting a {body.task_type} task", timeout=timeout)
     return json_response(started, status_code=201)
