@@ -11,8 +11,10 @@ from typing import Any, Literal, cast
 import httpx
 import pytest
 from pydantic import BaseModel
+from typer.testing import CliRunner, Result
 
 import labd
+from labd.cli import app
 from labd.client import ServerAPI
 from labd.testing import FakeDevice, RunningServer, running_server
 
@@ -51,6 +53,9 @@ class TypedLaser:
     def get_wavelength(self) -> float:
         return self.wavelength
 
+    def get_settings(self) -> dict[str, float]:
+        return {"wavelength": self.wavelength}
+
     def set_mode(self, mode: Literal["fast", "slow"], speed: Speed = Speed.FAST) -> str:
         self.received.append(("set_mode", (mode, speed)))
         return f"{mode}/{speed.value}"
@@ -58,6 +63,9 @@ class TypedLaser:
     def set_curve(self, points: list[float], gain: float | None = None) -> list[float]:
         self.received.append(("set_curve", (points, gain)))
         return points
+
+    def set_label(self, label: str) -> str:
+        return label
 
     def configure(self, enabled: bool, count: int, label: str) -> None:
         self.received.append(("configure", (enabled, count, label)))
@@ -76,12 +84,13 @@ class TypedSweep:
     """A sweep with annotated parameters."""
 
     def __init__(self, task_id: str, start: float, steps: int, mode: Speed = Speed.FAST,
-                 **kwargs: Any) -> None:
+                 name: str = "", **kwargs: Any) -> None:
         self.task_id = task_id
-        self.start, self.steps, self.mode = start, steps, mode
+        self.start, self.steps, self.mode, self.name = start, steps, mode, name
 
     def run(self, context: Any) -> dict[str, Any]:
-        return {"start": self.start, "steps": self.steps, "mode": self.mode.value}
+        return {"start": self.start, "steps": self.steps, "mode": self.mode.value,
+                "name": self.name}
 
 
 @pytest.fixture
@@ -216,7 +225,7 @@ def test_task_parameters_convert_and_misspellings_are_named(srv: RunningServer) 
         "params": {"start": 1, "steps": 3, "mode": "slow"}})
     assert answer.status_code == 201, answer.text
     assert srv.daemon.get_task("sweep2").wait(WATCHDOG_S) == {
-        "start": 1.0, "steps": 3, "mode": "slow"}
+        "start": 1.0, "steps": 3, "mode": "slow", "name": ""}
 
 
 def test_a_device_parameter_of_the_wrong_type_is_422_and_nothing_is_added(
@@ -266,8 +275,53 @@ def test_device_and_task_types_list_constructor_parameters(srv: RunningServer) -
     assert [(p["name"], p["schema"], p["default"]) for p in laser["parameters"]] == [
         ("wavelength", {"type": "number"}, 1550.0), ("port", {"type": "string"}, "COM1")]
     sweep = tasks["TypedSweep"]
-    assert [p["name"] for p in sweep["parameters"]] == ["start", "steps", "mode"]
+    assert [p["name"] for p in sweep["parameters"]] == ["start", "steps", "mode", "name"]
     assert sweep["parameters"][1] == {
         "name": "steps", "required": True, "default": None, "annotation": "int",
         "kind": "positional_or_keyword", "schema": {"type": "integer"}, "type": "integer"}
     assert sweep["parameters"][2]["schema"]["enum"] == ["fast", "slow"]
+
+
+# ------------------------------------------------------------------ item 6: the CLI
+def _labd(*words: str) -> Result:
+    runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb", "LABD_URL": None})
+    return runner.invoke(app, list(words), catch_exceptions=False)
+
+
+def test_labd_call_converts_words_through_the_schema(srv: RunningServer) -> None:
+    result = _labd("call", "laser1", "set_label", "1550", "--url", srv.url)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "1550"  # a str parameter keeps the word as text
+    result = _labd("call", "laser1", "set_wavelength", "1550", "--url", srv.url)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "1550.0"
+    result = _labd("call", "laser1", "set_mode", "slow", "speed=slow", "--url", srv.url)
+    assert result.output.strip() == "slow/slow", result.output
+
+
+def test_labd_call_with_a_bad_value_is_one_line_naming_the_parameter(srv: RunningServer) -> None:
+    result = _labd("call", "laser1", "set_wavelength", "abc", "--url", srv.url)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("labd: error:")]
+    assert "'wavelength' expects float" in line
+    assert _laser(srv).received == []
+
+
+def test_labd_run_converts_task_parameters_through_the_schema(srv: RunningServer) -> None:
+    result = _labd("run", "TypedSweep", "start=1", "steps=3", "name=42", "--id", "cli1",
+                   "--url", srv.url)
+    assert result.exit_code == 0, result.output
+    assert srv.daemon.get_task("cli1").wait(WATCHDOG_S) == {
+        "start": 1.0, "steps": 3, "mode": "fast", "name": "42"}
+
+
+def test_labd_methods_and_types_show_parameter_types(srv: RunningServer) -> None:
+    result = _labd("methods", "laser1", "--url", srv.url)
+    assert result.exit_code == 0, result.output
+    assert "wavelength: float" in result.output
+    assert "dict[str, float]" in result.output  # text, not rich markup
+    assert "mode: Literal['fast', 'slow'], speed: Speed='fast'" in result.output
+    result = _labd("types", "--url", srv.url)
+    assert result.exit_code == 0, result.output
+    assert "TypedLaser" in result.output and "wavelength: float=1550.0, port: str='COM1'" in result.output
+    assert "TypedSweep" in result.output and "steps: int" in result.output

@@ -106,6 +106,8 @@ def type_text(annotation: Any) -> str | None:
         return None
     if isinstance(annotation, str):
         return annotation
+    if annotation is None or annotation is type(None):
+        return "None"
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__qualname__
     text = repr(annotation)

@@ -6,6 +6,7 @@ Commands::
                                       (run history in --db, default ~/.local/share/labd)
     labd demo                         the simulated lab, a sweep through the client, then serve
     labd devices | tasks | methods    tables of what a running server has
+    labd types                        device and task types, with their parameters' types
     labd call DEVICE METHOD [ARGS]    call a device method remotely
     labd run TASK [k=v ...] --follow  start a task run, with a live progress bar
     labd cancel ID | watch DEVICE     stop a run | live values of a device
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 import typer
 
 from labd.cli import demo as _demo
+from labd.cli import registry as _registry
 from labd.cli import remote as _remote
 from labd.cli import runs as _runs
 from labd.cli import serve as _serve
@@ -45,6 +47,7 @@ app.command("serve")(_serve.serve)
 app.command("demo")(_demo.demo)
 app.command("devices")(_remote.devices)
 app.command("methods")(_remote.methods)
+app.command("types")(_registry.types)
 app.command("call", context_settings=_remote.FREE_WORDS)(_remote.call)
 app.command("run", context_settings=_remote.FREE_WORDS)(_remote.run)
 app.command("tasks")(_remote.tasks)

@@ -25,6 +25,7 @@ __all__ = [
     "format_json",
     "numeric_values",
     "one_line",
+    "parameters_text",
     "print_error",
     "print_note",
     "sparkline",
@@ -93,6 +94,24 @@ def _error_message(record: object) -> str:
 
 def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parameters_text(parameters: object) -> str:
+    """``nm: float, mode: Literal['fast', 'slow']='fast', *values, **extra`` from descriptions."""
+    parts = []
+    for p in parameters if isinstance(parameters, list) else []:
+        if not isinstance(p, Mapping):
+            continue
+        kind = p.get("kind")
+        stars = "*" if kind == "var_positional" else "**" if kind == "var_keyword" else ""
+        text = stars + str(p.get("name"))
+        annotation = p.get("annotation")
+        if annotation:
+            text += f": {annotation}"
+        if not p.get("required") and not stars:
+            text += f"={p.get('default')!r}"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def devices_table(devices: Iterable[Mapping[str, Any]]) -> Table:

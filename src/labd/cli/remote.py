@@ -15,10 +15,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from labd.cli.args import parse_call_args, parse_params
+from labd.cli.args import convert_call_args, convert_params, split_call_words, split_params
 from labd.cli.errors import DEFAULT_URL, EXIT_ERROR, EXIT_INTERRUPTED, CliError, reports_errors
 from labd.cli.follow import follow_task
-from labd.cli.output import console, devices_table, format_json, one_line, tasks_table
+from labd.cli.output import (
+    console,
+    devices_table,
+    format_json,
+    one_line,
+    parameters_text,
+    tasks_table,
+)
 from labd.cli.results import print_task_outcome
 
 if TYPE_CHECKING:
@@ -26,10 +33,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OwnerOption",
+    "TokenOption",
     "UrlOption",
     "call",
     "cancel",
     "devices",
+    "items",
     "methods",
     "open_api",
     "run",
@@ -97,23 +106,41 @@ def methods(
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
 ) -> None:
-    """List a device's public methods: query or command, parameters and what they do."""
+    """List a device's public methods: query or command, typed parameters and what they do."""
     with open_api(url, token=token) as api:
         rows = items(api.get_device_methods(device), "methods")
     table = Table(title=f"{device} methods", title_justify="left")
-    for column in ("method", "kind", "parameters", "doc"):
+    for column in ("method", "kind", "parameters", "returns", "doc"):
         table.add_column(column, overflow="fold")
     for method in rows:
-        params = [p for p in method.get("parameters") or [] if isinstance(p, Mapping)]
-        signature = ", ".join(
-            str(p.get("name")) + ("" if p.get("required") else f"={p.get('default')!r}")
-            for p in params
-        )
         doc = str(method.get("doc") or "").strip().splitlines()
+        # Text, not markup: "dict[str, Any]" would be read as a style tag.
         table.add_row(
-            str(method.get("name")), str(method.get("kind")), signature, doc[0] if doc else ""
+            Text(str(method.get("name"))), Text(str(method.get("kind"))),
+            Text(parameters_text(method.get("parameters"))),
+            Text(str(method.get("returns_annotation") or "")), Text(doc[0] if doc else ""),
         )
     console.print(table)
+
+
+def _described(answer: object, key: str, name: str) -> list[Mapping[str, Any]] | None:
+    """The ``parameters`` of entry ``name`` in a ``{key: [...]}`` answer; None if absent."""
+    entries = answer.get(key) if isinstance(answer, Mapping) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, Mapping) and entry.get("name") == name:
+            params = entry.get("parameters")
+            return [p for p in params if isinstance(p, Mapping)] if isinstance(params, list) else None
+    return None
+
+
+def _method_parameters(api: ServerAPI, device: str, method: str) -> list[Mapping[str, Any]] | None:
+    """The method's parameter descriptions, to convert words through their schemas."""
+    from labd.client import ServerAPIError
+
+    try:
+        return _described(api.get_device_methods(device), "methods", method)
+    except ServerAPIError:  # e.g. no such device: the call itself says so
+        return None
 
 
 @reports_errors
@@ -135,8 +162,11 @@ def call(
 
     Example: labd call laser1 set_wavelength 1550
     """
-    args, kwargs = parse_call_args(words or [])
+    raw_args, raw_kwargs = split_call_words(words or [])
     with open_api(url, owner=owner, token=token) as api:
+        # Words become values through the method's parameter schemas (a str stays a str).
+        parameters = _method_parameters(api, device, method)
+        args, kwargs = convert_call_args(raw_args, raw_kwargs, parameters)
         result = api.call(device, method, args, kwargs)
     # Plain print, not rich: the output is for scripts as much as for people.
     typer.echo(result if isinstance(result, str) else format_json(result))
@@ -175,8 +205,9 @@ def run(
     Example: labd run WavelengthSweep laser_id=laser1 detector_id=pm1 start_wl=1545
     stop_wl=1555 steps=40 --follow
     """
-    params = parse_params(words or [])
+    raw_params = split_params(words or [])
     with open_api(url, owner=owner, token=token) as api:
+        params = convert_params(raw_params, _task_parameters(api, task_type))
         answer = api.execute_task(task_id, task_type, params, wait_for_devices)
         started = answer if isinstance(answer, Mapping) else {}
         run_id = str(started.get("task_id") or task_id)
@@ -199,6 +230,16 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
     if outcome.status != "completed":
         raise typer.Exit(EXIT_ERROR)
+
+
+def _task_parameters(api: ServerAPI, task_type: str) -> list[Mapping[str, Any]] | None:
+    """The task type's parameter descriptions (``/task-types``); None from an older server."""
+    from labd.client import ServerAPIError
+
+    try:
+        return _described(api.task_types(), "task_types", task_type)
+    except ServerAPIError:
+        return None
 
 
 @reports_errors
