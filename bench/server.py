@@ -144,7 +144,7 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 
 def bench_call(host: Host, impl: str, s: Settings) -> tuple[Figures, Details]:
-    """(a) POST /devices/ping/call on a trivial method: 1 client, then 8 clients."""
+    """(a) POST /devices/ping/call on a trivial method, then a typed one: 1 and 8 clients."""
     figures: Figures = {}
     details: Details = {}
     for clients in (1, 8):
@@ -152,6 +152,14 @@ def bench_call(host: Host, impl: str, s: Settings) -> tuple[Figures, Details]:
         figures[f"http_call{clients}_req_per_s"] = got["per_s"]
         figures[f"http_call{clients}_p50_ms"] = got["p50_ms"]
         details[f"http_call{clients}"] = _call_details(got)
+    # A typed command, ``set_level(level: float, mode: str)`` called with an int: labd
+    # validates and converts it (int -> float) before the call; the others pass it through.
+    for clients in (1, 8):
+        typed = [("ping", "set_level", [1550, "slow"])] * clients
+        got = run_callers(host.port, typed, s.warmup_s, s.call_s)
+        figures[f"http_call_typed{clients}_req_per_s"] = got["per_s"]
+        figures[f"http_call_typed{clients}_p50_ms"] = got["p50_ms"]
+        details[f"http_call_typed{clients}"] = _call_details(got)
     return figures, details
 
 

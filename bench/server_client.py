@@ -68,6 +68,7 @@ def call_loop(
     warmup_s: float,
     measure_s: float,
     timeout: float = 10.0,
+    args: list[Any] | None = None,
 ) -> CallStats:
     """Call ``device_id.method()`` back to back: warm up, wait at ``start``, then time it.
 
@@ -75,7 +76,7 @@ def call_loop(
     remade; after 50 failures the thread gives up, so a broken server cannot stall the bench.
     """
     path = f"/devices/{device_id}/call"
-    body = json.dumps({"method": method, "args": [], "kwargs": {}}).encode()
+    body = json.dumps({"method": method, "args": args or [], "kwargs": {}}).encode()
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     stats = CallStats()
     try:
@@ -113,14 +114,15 @@ def _timed_call(
 
 
 def run_callers(
-    port: int, targets: list[tuple[str, str]], warmup_s: float, measure_s: float
+    port: int, targets: list[tuple[str, str]] | list[tuple[str, str, list[Any]]],
+    warmup_s: float, measure_s: float,
 ) -> dict[str, Any]:
-    """One thread per ``(device_id, method)`` target; total calls/s and latency percentiles."""
+    """One thread per ``(device_id, method[, args])`` target; total calls/s and latency percentiles."""
     start = threading.Barrier(len(targets) + 1)
     results: list[CallStats] = [CallStats() for _ in targets]
 
-    def body(i: int, device_id: str, method: str) -> None:
-        results[i] = call_loop(port, device_id, method, start, warmup_s, measure_s)
+    def body(i: int, device_id: str, method: str, args: list[Any] | None = None) -> None:
+        results[i] = call_loop(port, device_id, method, start, warmup_s, measure_s, args=args)
 
     threads = [
         threading.Thread(target=body, args=(i, *target), name=f"caller-{i}", daemon=True)

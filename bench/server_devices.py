@@ -42,6 +42,11 @@ class Ping:
     def ping(self) -> Any:
         return self._value
 
+    def set_level(self, level: float, mode: str = "fast") -> float:
+        """A typed command: labd validates ``level`` and ``mode`` against these annotations."""
+        self._value = level
+        return level
+
 
 class Slow:
     """A device whose method takes 10 ms of I/O (it sleeps, releasing the GIL)."""
