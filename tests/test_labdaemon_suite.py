@@ -49,13 +49,7 @@ NOT_COLLECTED = {
 }
 
 # Collected, and expected to fail (strict): a deliberate difference, named here.
-DIFFERENCES = {
-    "test_connect_device_timeout": (
-        "LabDaemon calls disconnect() before it raises DeviceTimeoutError (waiting up to 2 s "
-        "for the late connect()); labd raises at the timeout and calls disconnect() when the "
-        "late connect() returns (issue 7 item 3)"
-    ),
-}
+DIFFERENCES: dict[str, str] = {}
 
 
 def _load_on_labd() -> types.ModuleType:

@@ -45,6 +45,10 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-.:]{1,128}$")
 
 Job = Callable[[], None]
 
+#: After a connect() timed out, how long connect_device waits for it to return and be undone
+#: with disconnect() before raising (LabDaemon 1.0's clean-up waits up to 2 s too).
+LATE_CONNECT_GRACE_S = 2.0
+
 
 def check_id(value: object, what: str) -> str:
     """Return ``value`` if it is a valid id, else raise :class:`InvalidArgumentError`."""
@@ -297,6 +301,7 @@ class DeviceTable:
         outcome: dict[str, BaseException | None] = {}
         done = threading.Event()
         abandoned = threading.Event()  # the caller stopped waiting (its timeout ran out)
+        undone = threading.Event()  # a late connect() returned and disconnect() ran
         handover = threading.Lock()  # orders "finished" against "abandoned"
         actor = current_actor()
 
@@ -315,7 +320,10 @@ class DeviceTable:
                         late = abandoned.is_set()
                         done.set()
                 if late and what == "connect":
-                    self._undo_late_connect(slot)
+                    try:
+                        self._undo_late_connect(slot)
+                    finally:
+                        undone.set()
 
         if timeout is None:
             job()
@@ -334,11 +342,17 @@ class DeviceTable:
             slot.state = DeviceState.FAULTED
             if what == "connect":
                 slot.refusal = f"its connect() did not finish within {timeout:g} s"
+            # LabDaemon 1.0 cleans up with disconnect() before it raises, waiting up to 2 s for
+            # the device (its tests check disconnect ran): give the late connect that long to
+            # return and be undone; a connect hung for good is undone whenever it returns.
+            cleaned_up = what == "connect" and undone.wait(LATE_CONNECT_GRACE_S)
             err = DeviceTimeoutError(
                 f"Device {slot.device_id!r}: {what}() did not finish within {timeout:g} s; "
                 "it is marked faulted"
-                + ("; its disconnect() will be called when the late connect() returns, and "
-                   "calls are refused until a later connect succeeds"
+                + (("; its late connect() returned and was undone with disconnect()"
+                    if cleaned_up else
+                    "; its disconnect() will be called when the late connect() returns")
+                   + ", and calls are refused until a later connect succeeds"
                    if what == "connect" else "")
                 + ". Check the instrument and its connection."
             )
