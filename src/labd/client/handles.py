@@ -142,7 +142,8 @@ class RemoteTaskHandle:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(
-                    f"Task {self.task_id!r} is still {info['status']} after waiting {timeout} s."
+                    f"Wait timed out for task '{self.task_id}'. It is still {info['status']} "
+                    f"after {timeout} s; wait longer, or cancel() it."
                 )
             time.sleep(delay if remaining is None else min(delay, remaining))
             delay = min(delay * 2, _MAX_POLL_S)
@@ -159,7 +160,8 @@ class RemoteTaskHandle:
         error = info.get("error")
         why = error.get("message") if isinstance(error, dict) else status
         raise TaskFailedError(
-            f"Task {self.task_id!r} ({info.get('task_type')}) failed: {why}",
+            f"Task '{self.task_id}' failed during execution. {info.get('task_type')} failed: "
+            f"{why}",
             result=info.get("result"),
         ) from cause
 
