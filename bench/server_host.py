@@ -86,7 +86,10 @@ def serve_labd(scenario: str) -> tuple[int, Stop]:
     server_module = importlib.import_module("labd.server")
     daemon = ld.LabDaemon()
     add_devices(daemon, scenario)
-    server = server_module.LabDaemonServer(daemon, host=HOST, port=0)
+    # The 8-client scenarios call one device from 8 connections at once. labd's default cap
+    # of 4 calls in flight per device (issue 8: a hung instrument must not take every thread)
+    # would answer the other 4 with 503; LabDaemon has no cap, so both get room for all 8.
+    server = server_module.LabDaemonServer(daemon, host=HOST, port=0, device_max_in_flight=16)
     server.start()
 
     def stop() -> None:
