@@ -49,9 +49,13 @@ BEARER_SCHEME: dict[str, Any] = {
                    "description": "A token from the server's tokens file (docs/http-api.md)."},
 }
 
+# The first route that matches wins, and every request is matched against the routes in
+# order: the hot device-call route goes first (its path matches no other route).
+_HOT = [r for r in routes_devices.ROUTES if r.path == "/devices/{device_id}/call"]
 ROUTES = [
+    *_HOT,
     *routes_meta.ROUTES,
-    *routes_devices.ROUTES,
+    *(r for r in routes_devices.ROUTES if r not in _HOT),
     *routes_tasks.ROUTES,
     *routes_types.ROUTES,
     *routes_leases.ROUTES,

@@ -252,14 +252,26 @@ class HostGuard:
         allowed = normalize_allowed_hosts(allowed_hosts)
         self.any_host = "*" in allowed
         self.allowed = frozenset({*ALWAYS_ALLOWED_HOSTS, *allowed, host_name(bind_host)})
+        # Decisions by (Host header, local address): a server sees few distinct pairs, and
+        # parsing addresses costs more than the rest of the check. Bounded, so a client
+        # sending ever new Host values cannot grow it.
+        self._decided: dict[tuple[str, str | None], bool] = {}
 
     def allows(self, host: str, local_address: str | None = None) -> bool:
         """True if a request with ``Host: host`` that arrived at ``local_address`` is served."""
         if self.any_host:
             return True
+        key = (host, local_address)
+        decided = self._decided.get(key)
+        if decided is not None:
+            return decided
         name = host_name(host)
-        return name in self.allowed or (
+        decided = name in self.allowed or (
             local_address is not None and name == host_name(local_address))
+        if len(self._decided) >= 256:
+            self._decided.clear()
+        self._decided[key] = decided
+        return decided
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
