@@ -42,6 +42,58 @@ def switch_every_bytecode() -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
+class SigintInjector:
+    """Real SIGINTs to the main thread every ``interval`` s, raised only while ``armed``.
+
+    A test arms it around the call it wants interrupted and catches ``KeyboardInterrupt``
+    there; anywhere else the signal is ignored. With ``once``, the handler disarms itself
+    (one Ctrl+C per call: the clean-up it triggers is not interrupted again). The garbage
+    collector is off meanwhile: a KeyboardInterrupt raised in one of its callbacks (a
+    WeakSet's) would be unraisable, not the test's.
+    """
+
+    def __init__(self, interval: float, *, once: bool = False,
+                 on_hit: Callable[[], None] | None = None) -> None:
+        self.interval = interval
+        self.once = once
+        self.on_hit = on_hit
+        self.armed = False
+        self.landed = 0
+        self._main = threading.get_ident()
+        assert self._main == threading.main_thread().ident
+        self._stop = threading.Event()
+        self._sender = threading.Thread(target=self._send, name="test-sigint")
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.armed:
+            if self.once:
+                self.armed = False
+            self.landed += 1
+            if self.on_hit is not None:
+                self.on_hit()
+            raise KeyboardInterrupt
+
+    def _send(self) -> None:
+        while not self._stop.is_set():
+            signal.pthread_kill(self._main, signal.SIGINT)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> SigintInjector:
+        gc.collect()
+        gc.disable()
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._sender.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.armed = False
+        self._stop.set()
+        self._sender.join(WAIT_S)
+        signal.signal(signal.SIGINT, self._previous)
+        gc.enable()
+
+
 class Device:
     def __init__(self, device_id: str) -> None:
         self.device_id = device_id
@@ -155,32 +207,9 @@ def test_ctrl_c_in_a_waiter_never_stops_other_waiters_from_hearing_the_end(
 ) -> None:
     """A real SIGINT interrupts ``wait()`` in the main thread over and over; every run still
     wakes its other waiter. The old one-shot latch could stay held by an interrupted waiter."""
-    interrupts = 0
-    stop_signals = threading.Event()
-    main = threading.main_thread().ident
-    assert main == threading.get_ident()
-
-    armed = False  # interrupts land only inside wait(), where the test catches them
     hit = threading.Event()  # each run ends only after an interrupt landed in a wait for it
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        nonlocal interrupts
-        if armed:
-            interrupts += 1
-            hit.set()
-            raise KeyboardInterrupt
-
-    def signaller() -> None:
-        while not stop_signals.is_set():
-            signal.pthread_kill(main, signal.SIGINT)
-            stop_signals.wait(0.0005)
-
-    gc.collect()
-    gc.disable()  # see test_ctrl_c_at_any_point_of_execute_task_...
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    sender = threading.Thread(target=signaller, name="test-sigint")
-    try:
-        sender.start()
+    # Interrupts land only inside wait(), where the test catches them.
+    with SigintInjector(0.0005, on_hit=hit.set) as sigint:
         for index in range(200):
             hit.clear()
             handle = daemon.execute_task(f"q{index}", "UntilEvent", event=hit)
@@ -191,20 +220,15 @@ def test_ctrl_c_in_a_waiter_never_stops_other_waiters_from_hearing_the_end(
             other.start()
             while True:
                 try:
-                    armed = True
+                    sigint.armed = True
                     handle.wait(WAIT_S)
-                    armed = False
+                    sigint.armed = False
                     break
                 except KeyboardInterrupt:
-                    armed = False
+                    sigint.armed = False
             other.join(WAIT_S)
             assert heard.is_set(), f"run {index}: a second waiter never heard that it ended"
-    finally:
-        stop_signals.set()
-        sender.join(WAIT_S)
-        signal.signal(signal.SIGINT, previous)
-        gc.enable()
-    assert interrupts >= 200  # the signals really arrived inside wait()
+    assert sigint.landed >= 200  # the signals really arrived inside wait()
 
 
 # -- item 5: a cancel reaches the whole tree --------------------------------------------------
@@ -512,78 +536,33 @@ def test_ctrl_c_at_any_point_of_execute_task_leaves_no_run_or_claim_behind(
     """Real SIGINTs land at random points inside execute_task (claiming, recording, handing
     the run to a worker). Afterwards every run that exists ends, and no device stays owned:
     an interrupted start is abandoned (cancelled, its claim released), never left pending."""
-    main = threading.get_ident()
-    armed = False
-    landed = 0
-    stop = threading.Event()
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        nonlocal landed, armed
-        if armed:  # one Ctrl+C per call: the clean-up it triggers is not interrupted again
-            armed = False
-            landed += 1
-            raise KeyboardInterrupt
-
-    def signaller() -> None:
-        while not stop.is_set():
-            signal.pthread_kill(main, signal.SIGINT)
-            stop.wait(0.0002)
-
-    # A KeyboardInterrupt raised inside a garbage-collector callback (a WeakSet's) would be
-    # unraisable, not the test's: collect now and keep the collector off while armed.
-    gc.collect()
-    gc.disable()
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    sender = threading.Thread(target=signaller, name="test-sigint")
-    started = 0
-    try:
-        sender.start()
-        with switch_every_bytecode():
-            for index in range(20_000):  # until enough interrupts landed (bounded)
-                if index >= 400 and landed >= 50:
-                    break
-                try:
-                    armed = True
-                    daemon.execute_task(f"r{index}", "Quick")
-                    armed = False
-                    started += 1
-                except KeyboardInterrupt:
-                    armed = False
-    finally:
-        armed = False
-        stop.set()
-        sender.join(WAIT_S)
-        signal.signal(signal.SIGINT, previous)
-    assert landed >= 50
+    with SigintInjector(0.0002, once=True) as sigint, switch_every_bytecode():
+        for index in range(20_000):  # until enough interrupts landed (bounded)
+            if index >= 400 and sigint.landed >= 50:
+                break
+            try:
+                sigint.armed = True
+                daemon.execute_task(f"r{index}", "Quick")
+                sigint.armed = False
+            except KeyboardInterrupt:
+                sigint.armed = False
+    assert sigint.landed >= 50
     for handle in daemon.task_handles():
         with contextlib.suppress(ld.TaskCancelledError):
             handle.wait(WAIT_S)
     # The same, with devices to claim: afterwards both are free.
-    landed_before = landed
-    armed = False
-    stop.clear()
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    sender = threading.Thread(target=signaller, name="test-sigint")
-    try:
-        sender.start()
-        with switch_every_bytecode():
-            for index in range(20_000):  # until enough interrupts landed (bounded)
-                if index >= 400 and landed >= landed_before + 50:
-                    break
-                try:
-                    armed = True
-                    handle = daemon.execute_task(f"c{index}", "ClaimAndReturn", wait_for_devices=True)
-                    armed = False
-                    handle.wait(WAIT_S)
-                except KeyboardInterrupt:
-                    armed = False
-    finally:
-        armed = False
-        stop.set()
-        sender.join(WAIT_S)
-        signal.signal(signal.SIGINT, previous)
-        gc.enable()
-    assert landed >= landed_before + 50
+    with SigintInjector(0.0002, once=True) as sigint, switch_every_bytecode():
+        for index in range(20_000):  # until enough interrupts landed (bounded)
+            if index >= 400 and sigint.landed >= 50:
+                break
+            try:
+                sigint.armed = True
+                handle = daemon.execute_task(f"c{index}", "ClaimAndReturn", wait_for_devices=True)
+                sigint.armed = False
+                handle.wait(WAIT_S)
+            except KeyboardInterrupt:
+                sigint.armed = False
+    assert sigint.landed >= 50
     for handle in daemon.task_handles():
         with contextlib.suppress(ld.TaskCancelledError):
             assert handle.wait(WAIT_S) in (None, "claimed", "done")
