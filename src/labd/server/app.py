@@ -5,12 +5,15 @@ uvicorn (:class:`labd.server.LabDaemonServer`) and with Starlette's ``TestClient
 client as a context manager so the lifespan runs and worker threads are released (its
 ``Host: testserver`` is the address its requests arrive at, so the Host check lets it in).
 
-Middleware, outermost first: the Host check (421), CORS, bearer tokens (401/403), JSON-only
-bodies (415), the body limit (413); see :mod:`labd.server.guards` and :mod:`labd.server.auth`.
+Middleware, outermost first: the Host check (421), CORS, bearer tokens (401/403), cross-site
+pages (403) and JSON-only bodies (415), the body limit (413), and the device-call fast path;
+see :mod:`labd.server.guards`, :mod:`labd.server.auth` and :mod:`labd.server.hotpath`. Guards
+with nothing between them run as one :class:`~labd.server.guards.GuardChain` layer.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +35,8 @@ from labd.server import (
 from labd.server.auth import BearerAuthMiddleware, required_role
 from labd.server.context import ServerContext, ServerSettings
 from labd.server.fastparse import document_call_body
-from labd.server.guards import CrossSiteGuard, HostGuard, JsonBodyGuard
+from labd.server.guards import CrossSiteGuard, GuardChain, HostGuard, JsonBodyGuard
+from labd.server.hotpath import CallDispatch
 from labd.server.limits import BodyLimitMiddleware
 from labd.server.routing import endpoints_index, install_error_handlers, install_routes
 
@@ -64,6 +68,14 @@ ROUTES = [
 ]
 
 
+# FastAPI >= 0.150 asks OpenTelemetry's global providers on every request whether to trace it;
+# labd's metrics are Prometheus' (/metrics), and that lookup costs more than a device call's
+# own bookkeeping. Older FastAPI has no such option.
+_NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     context: ServerContext = app.state.labd
@@ -91,6 +103,7 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     app = FastAPI(
         title="labd", version=labd.__version__, lifespan=_lifespan,
         description="Instruments and experiments of one labd daemon over HTTP and SSE.",
+        **_NO_NATIVE_TELEMETRY,
     )
     app.state.labd = context
     context.endpoints = endpoints_index(ROUTES)
@@ -99,10 +112,19 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     document_call_body(app)
     if settings.tokens is not None:
         _declare_bearer_auth(app)
+    # Innermost: every guard below has run before a device call skips FastAPI's router.
+    app.add_middleware(CallDispatch, handler=routes_devices.call_device)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    host_guard = (HostGuard, {"bind_host": settings.bind_host,
+                              "allowed_hosts": settings.allowed_hosts})
     # Inside auth: a stranger learns nothing, not even which bodies this server takes.
-    app.add_middleware(JsonBodyGuard)
-    app.add_middleware(CrossSiteGuard, allowed_origins=settings.cors_origins or ())
+    browser_guards = [(CrossSiteGuard, {"allowed_origins": settings.cors_origins or ()}),
+                      (JsonBodyGuard, {})]
+    if settings.tokens is None and not settings.cors_origins:
+        # Nothing between them: the Host check and the browser guards run as one layer.
+        app.add_middleware(GuardChain, guards=[host_guard, *browser_guards])
+        return app
+    app.add_middleware(GuardChain, guards=browser_guards)
     if settings.tokens is not None:
         # Outside the body limit (a stranger's body is never read), inside CORS (preflights
         # need no token, and 401 answers carry CORS headers).
@@ -112,8 +134,7 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["*"], allow_headers=["*"])
     # Outermost: a request for a host this server does not serve gets nothing else.
-    app.add_middleware(HostGuard, bind_host=settings.bind_host,
-                       allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(GuardChain, guards=[host_guard])
     return app
 
 
