@@ -24,6 +24,7 @@ from labd.errors import DeviceBusyError, InvalidArgumentError, LeaseError, iso_f
 
 __all__ = [
     "Actor",
+    "ClaimGate",
     "ClaimRegistry",
     "Lease",
     "Owner",
@@ -151,6 +152,29 @@ class PendingClaim:
         self.done = False
 
 
+class ClaimGate(Protocol):
+    """Claims held in a lab's engine (:mod:`labd.lab`), for a daemon that is a lab node.
+
+    The registry takes the engine's claim before its own and gives it back after, so two
+    nodes never both own a device. Without a gate (no engine) nothing here runs.
+    """
+
+    def acquire(self, owner: Owner, device_ids: tuple[str, ...], hint: str) -> None:
+        """Claim the devices in the engine for ``owner``, all or none, or raise DeviceBusyError."""
+
+    def queue(
+        self, pending: PendingClaim, timeout: float | None, granted: Callable[[], None],
+    ) -> None:
+        """Wait in the engine's FIFO: call ``granted()`` once the engine holds the devices,
+        or ``pending.on_failed(DeviceBusyError)`` when ``timeout`` runs out."""
+
+    def withdraw(self, owner: Owner) -> None:
+        """Stop every engine wait of ``owner``. Idempotent."""
+
+    def release(self, owner: Owner) -> None:
+        """Give back the engine claims of ``owner``. Idempotent; never raises."""
+
+
 class Lease(Owner):
     """Devices held by a person or program (not a task), with an optional time to live.
 
@@ -243,6 +267,8 @@ class ClaimRegistry:
         self._pending: list[PendingClaim] = []
         self._leases: dict[str, Lease] = {}
         self._lease_ids = itertools.count(1)
+        #: The lab engine's claims (labd.lab sets it on a lab node); None: this process only.
+        self.gate: ClaimGate | None = None
 
     # -- queries ---------------------------------------------------------------------------
     def owner_of(self, device_id: str) -> tuple[Owner, float] | None:
@@ -276,12 +302,53 @@ class ClaimRegistry:
     def claim(self, owner: Owner, device_ids: Sequence[str], hint: str) -> None:
         """Grant every device to ``owner`` now, or raise :class:`DeviceBusyError` naming each busy one."""
         ids = tuple(dict.fromkeys(device_ids))
+        gate = self.gate
+        if gate is not None:
+            self._claim_gated(gate, owner, ids, hint)
+            return
         with self._lock:
             busy = self._conflicts(owner, ids, reserved_by_queue=True)
             if busy:
                 raise DeviceBusyError(busy_message(busy, hint), busy)
             self._grant(owner, ids)
         self._on_event({"event": "devices_claimed", "owner": owner.label, "device_ids": list(ids)})
+
+    def _claim_gated(self, gate: ClaimGate, owner: Owner, ids: tuple[str, ...], hint: str) -> None:
+        """A lab node's claim: the engine's first (all or none across nodes), then ours."""
+        gate.acquire(owner, ids, hint)
+        granted = False
+        try:
+            with self._lock:
+                busy = self._conflicts(owner, ids, reserved_by_queue=False)
+                if busy:
+                    raise DeviceBusyError(busy_message(busy, hint), busy)
+                self._grant(owner, ids)
+                granted = True
+        finally:
+            if not granted:
+                gate.release(owner)
+        self._on_event({"event": "devices_claimed", "owner": owner.label, "device_ids": list(ids)})
+
+    def _granted_by_engine(self, pending: PendingClaim) -> None:
+        """The engine granted a queued claim: take it here too, or give it back."""
+        busy: list[dict[str, Any]] = []
+        granted = False
+        with self._lock:
+            if not pending.done:
+                pending.done = True
+                busy = self._conflicts(pending.owner, pending.device_ids, reserved_by_queue=False)
+                if not busy:
+                    self._grant(pending.owner, pending.device_ids)
+                    granted = True
+        if not granted:
+            if self.gate is not None:
+                self.gate.release(pending.owner)
+            if busy:
+                pending.on_failed(DeviceBusyError(busy_message(busy, "Try again."), busy))
+            return
+        self._on_event({"event": "devices_claimed", "owner": pending.owner.label,
+                        "device_ids": list(pending.device_ids)})
+        pending.on_granted()
 
     def claim_or_queue(
         self,
@@ -297,6 +364,15 @@ class ClaimRegistry:
         free, in FIFO order, or ``on_failed(DeviceBusyError)`` when ``timeout`` runs out.
         """
         ids = tuple(dict.fromkeys(device_ids))
+        gate = self.gate
+        if gate is not None:  # a lab node: the FIFO is the engine's
+            try:
+                self._claim_gated(gate, owner, ids, "")
+                return None
+            except DeviceBusyError:
+                queued = PendingClaim(owner, ids, on_granted, on_failed)
+                gate.queue(queued, timeout, lambda: self._granted_by_engine(queued))
+                return queued
         with self._lock:
             if not self._conflicts(owner, ids, reserved_by_queue=True):
                 self._grant(owner, ids)
@@ -318,7 +394,11 @@ class ClaimRegistry:
             if pending.done:
                 return False
             pending.done = True
-            self._pending.remove(pending)
+            if self.gate is None:
+                self._pending.remove(pending)
+        if self.gate is not None:  # a lab node: the claim waits in the engine's FIFO
+            self.gate.withdraw(pending.owner)
+            return True
         if pending.timer is not None:
             pending.timer.cancel()
         self._grant_waiting()
@@ -338,6 +418,8 @@ class ClaimRegistry:
         for pending in mine:
             if pending.timer is not None:
                 pending.timer.cancel()
+        if self.gate is not None:
+            self.gate.withdraw(owner)
         self.release(owner)
         self._grant_waiting()
 
@@ -347,16 +429,20 @@ class ClaimRegistry:
         The entry in ``_held`` goes last, so a release cut short by an interrupt is finished
         by the next release of the same owner (the task runner's clean-up does one).
         """
-        with self._lock:
-            entry = self._held.get(id(owner))
-            if entry is None:
-                return ()
-            _, ids = entry
-            for device_id in ids:
-                stack = self._stacks.get(device_id, [])
-                stack[:] = [item for item in stack if item[0] is not owner]
-                self._publish_owner(device_id)
-            del self._held[id(owner)]
+        try:
+            with self._lock:
+                entry = self._held.get(id(owner))
+                if entry is None:
+                    return ()
+                _, ids = entry
+                for device_id in ids:
+                    stack = self._stacks.get(device_id, [])
+                    stack[:] = [item for item in stack if item[0] is not owner]
+                    self._publish_owner(device_id)
+                del self._held[id(owner)]
+        finally:
+            if self.gate is not None:
+                self.gate.release(owner)  # then the engine's claim (never raises)
         self._on_event({"event": "devices_released", "owner": owner.label, "device_ids": list(ids)})
         self._grant_waiting()
         return ids
