@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from labd.constructors import construct_device
 from labd.device_streams import DeviceStreams
@@ -36,7 +36,7 @@ from labd.ownership import Actor, ClaimRegistry, Lease, Owner, acting_as, curren
 from labd.secrets import redact
 from labd.streaming import StreamHub, Subscription
 
-__all__ = ["ID_PATTERN", "DeviceTable", "check_id"]
+__all__ = ["ID_PATTERN", "DeviceTable", "RemoteDevices", "check_id"]
 
 log = logging.getLogger("labd")
 
@@ -57,6 +57,22 @@ def check_id(value: object, what: str) -> str:
             f"Invalid {what} {value!r}: use 1 to 128 letters, digits or the characters _ - . :"
         )
     return value
+
+
+class RemoteDevices(Protocol):
+    """Devices of the other nodes of a lab (:mod:`labd.lab`), asked only for an id not here."""
+
+    def knows(self, device_id: str) -> bool:
+        """True if a live node of the lab serves ``device_id``."""
+
+    def proxy(self, device_id: str) -> Any:
+        """An object whose methods call the remote device (as the calling thread's actor)."""
+
+    def call(
+        self, device_id: str, method: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+        actor: Actor,
+    ) -> Any:
+        """Call a method of a remote device by name, as ``actor``."""
 
 
 def _owned_by(owner: Owner | None) -> str | None:
@@ -90,6 +106,8 @@ class DeviceTable:
         self.stream_maxsize = stream_maxsize
         self._lock = threading.RLock()
         self._slots: dict[str, DeviceSlot] = {}
+        #: Other nodes' devices when this daemon is a lab node (labd.lab); None: no lab.
+        self.remote: RemoteDevices | None = None
         self.streams = DeviceStreams(
             publish_event=publish_event, submit=submit, on_callback_error=on_callback_error
         )
@@ -126,7 +144,11 @@ class DeviceTable:
 
     def unknown(self, device_ids: Sequence[object]) -> list[object]:
         """The entries of ``device_ids`` that name no device."""
-        return [d for d in device_ids if not isinstance(d, str) or d not in self._slots]
+        missing = [d for d in device_ids if not isinstance(d, str) or d not in self._slots]
+        remote = self.remote
+        if missing and remote is not None:
+            missing = [d for d in missing if not (isinstance(d, str) and remote.knows(d))]
+        return missing
 
     def drain(self, device_ids: Sequence[str]) -> None:
         """Wait until calls already inside these devices have returned (through the fair lock)."""
@@ -189,7 +211,17 @@ class DeviceTable:
 
     def get_device(self, device_id: str) -> Any:
         """The device instance (its public methods are locked and ownership-checked)."""
+        if self.remote is not None and device_id not in self._slots:
+            return self._remote_or_raise(device_id).proxy(device_id)
         return self.slot(device_id).instance
+
+    def _remote_or_raise(self, device_id: object) -> RemoteDevices:
+        """The lab's remote devices if a live node serves ``device_id``, else the local 404."""
+        remote = self.remote
+        if remote is None or not isinstance(device_id, str) or not remote.knows(device_id):
+            self.slot(device_id)  # raises UnknownDeviceError naming the local devices
+        assert remote is not None
+        return remote
 
     def device_ids(self) -> list[str]:
         """Ids of all devices, in the order they were added."""
@@ -257,6 +289,9 @@ class DeviceTable:
         """
         from labd.introspection import check_call
 
+        if self.remote is not None and device_id not in self._slots:
+            return self._remote_or_raise(device_id).call(
+                device_id, method, list(args or ()), dict(kwargs or {}), actor or current_actor())
         slot = self.slot(device_id)
         bound = check_call(slot, method, args, kwargs)
         with acting_as(actor or current_actor()):
