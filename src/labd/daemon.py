@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from labd.deadlines import DeadlineTimer
-from labd.device_table import DeviceTable
+from labd.device_table import DeviceTable, RemoteDevices
 from labd.devices import DeviceSlot
 from labd.errors import (
     DaemonClosedError,
@@ -37,7 +37,7 @@ from labd.errors import (
     UnknownLeaseError,
     describe_choices,
 )
-from labd.ownership import Actor, ClaimRegistry, Lease
+from labd.ownership import Actor, ClaimGate, ClaimRegistry, Lease
 from labd.plugins import PluginRegistry
 from labd.shutdown import ShutdownReport, stop_runs_and_devices
 from labd.store import RunStore
@@ -128,6 +128,8 @@ class LabDaemon:
             submit=self._pool.submit, events=self.events, on_task_error=self._report_error,
             completed_task_buffer=completed_task_buffer,
         )
+        #: The lab node (labd.lab.LabNode) when this daemon is part of a lab; None otherwise.
+        self.lab: Any = None
         _LIVE.add(self)
 
     # -- wiring between the parts -----------------------------------------------------------
@@ -455,6 +457,17 @@ class LabDaemon:
         self._devices.slot(device_id)
         owner = self._claims.owner_of(device_id)
         return owner[0].label if owner else None
+
+    # -- a lab of several nodes ---------------------------------------------------------------
+    def join_lab(self, node: Any, remote: RemoteDevices | None, gate: ClaimGate | None) -> None:
+        """Make this daemon a node of a lab: other nodes' devices and the engine's claims.
+
+        Called by :class:`labd.lab.LabNode` (``join_lab(None, None, None)`` leaves). Without
+        it the daemon is one process, exactly as before.
+        """
+        self.lab = node
+        self._devices.remote = remote
+        self._claims.gate = gate
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
