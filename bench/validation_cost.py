@@ -1,7 +1,7 @@
 """What typed remote calls add to one ``POST /devices/{id}/call`` (issue 9 item 7), in µs.
 
 Why: the server validates a call's arguments against the method's annotations on the event
-loop before offloading it (``routes_devices._validated_args``: a slot lookup,
+loop before offloading it (``routes_devices._prepared_call``: a slot lookup,
 ``labd.signatures.signature_of``, ``CallableSignature.validate``). This times exactly that
 work, each call on its own with ``perf_counter_ns``, and reports p50 and p99 after
 subtracting the cost of the empty timed loop. The end-to-end effect on throughput is
@@ -84,7 +84,7 @@ def measure(samples: int) -> dict[str, float]:
 
             def added(method: str = method, args: list[Any] = args,
                       kwargs: dict[str, Any] = kwargs) -> object:
-                # What the call route does on the loop (routes_devices._validated_args).
+                # What the call route does on the loop (routes_devices._prepared_call).
                 original = slot.originals.get(method)
                 signature = signature_of(original) if original is not None else None
                 if signature is None:

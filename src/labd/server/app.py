@@ -40,6 +40,10 @@ from labd.server.hotpath import CallDispatch
 from labd.server.limits import BodyLimitMiddleware
 from labd.server.routing import endpoints_index, install_error_handlers, install_routes
 
+# The module, not its names: labd.web's modules import labd.server's, so whichever package
+# is imported first, this finds the other complete by the time create_app runs.
+from labd.web import routes as web_routes
+
 if TYPE_CHECKING:
     from labd.daemon import LabDaemon
 
@@ -80,9 +84,11 @@ _NO_NATIVE_TELEMETRY: dict[str, Any] = (
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     context: ServerContext = app.state.labd
     context.metrics.attach()
+    web_routes.started(app)
     try:
         yield
     finally:
+        web_routes.stopped(app)
         context.metrics.detach(timeout=0.5)
         busy = context.offloader.close(timeout=0.0)  # idle workers exit; busy ones when done
         if busy:
@@ -102,6 +108,7 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     context = ServerContext(daemon, settings)
     app = FastAPI(
         title="labd", version=labd.__version__, lifespan=_lifespan,
+        docs_url=None, redoc_url=None,  # labd.web serves them from local files, not a CDN
         description="Instruments and experiments of one labd daemon over HTTP and SSE.",
         **_NO_NATIVE_TELEMETRY,
     )
@@ -110,6 +117,7 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     install_error_handlers(app)
     install_routes(app, ROUTES)
     document_call_body(app)
+    web_routes.install(app)
     if settings.tokens is not None:
         _declare_bearer_auth(app)
     # Innermost: every guard below has run before a device call skips FastAPI's router.
@@ -128,11 +136,13 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
     if settings.tokens is not None:
         # Outside the body limit (a stranger's body is never read), inside CORS (preflights
         # need no token, and 401 answers carry CORS headers).
-        app.add_middleware(BearerAuthMiddleware, tokens=settings.tokens)
+        app.add_middleware(BearerAuthMiddleware, tokens=settings.tokens,
+                           sessions=app.state.labd_sessions)
     if settings.cors_origins:
         # Added last, so it is outermost: error answers carry CORS headers too.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(web_routes.BrowserRootRedirect)
     # Outermost: a request for a host this server does not serve gets nothing else.
     app.add_middleware(GuardChain, guards=[host_guard])
     return app

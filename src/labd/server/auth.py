@@ -26,6 +26,11 @@ is too low); otherwise it passes the request on as the token's user: the client'
 holder, task owner) see who really called and nobody can act as someone else. Only the lease
 routes need more (who holds *this* lease); they ask :meth:`Token.require`.
 
+The dashboard (``/ui/``) signs in at ``/ui/login`` and is then authenticated by an HttpOnly
+session cookie instead (:mod:`labd.server.sessions`; such requests must carry ``X-Labd-UI``).
+``/ui/login``, ``/ui/logout`` and ``/ui/static/...`` are open; a browser without a session
+that asks for any other dashboard page is redirected (303) to ``/ui/login``.
+
 Tokens are kept only as SHA-256 digests, compared with :func:`hmac.compare_digest`, and
 removed from the request before it reaches a route; they never appear in answers, logs or reprs.
 :func:`load_tokens` logs a warning when the file is open to group or others.
@@ -46,14 +51,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlencode
 
 from fastapi import Depends
 from starlette.requests import Request
+from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from labd.errors import InvalidArgumentError, LabDaemonException
 from labd.server.errors import Forbidden, Unauthorized, describe_exception, error_response
+from labd.server.sessions import UI_HEADER, SessionTable, cookie_exempt, session_id_from
 
 __all__ = [
     "PRINCIPAL_SCOPE_KEY",
@@ -89,6 +96,10 @@ _QUERY_TOKEN = "access_token"
 _LEASE_PATH = re.compile(r"/leases/[^/]+")
 _CALL_PATH = re.compile(r"/devices/[^/]+/call")
 _DROPPED_HEADERS = frozenset({b"authorization", b"x-labd-owner"})
+# The dashboard's sign-in page, sign-out and its static files: any method listed, no token.
+_OPEN_UI = frozenset({("GET", "/ui/login"), ("HEAD", "/ui/login"), ("POST", "/ui/login"),
+                      ("POST", "/ui/logout")})
+_UI_STATIC = "/ui/static/"
 
 
 @dataclass(frozen=True)
@@ -304,6 +315,8 @@ def required_role(method: str, path: str, query: bytes = b"") -> str | None:
     Example: ``required_role("POST", "/devices") == "admin"``. ``POST /devices/{id}/call``
     needs only ``viewer`` here: which method is called decides, so the route checks the rest.
     """
+    if (method, path) in _OPEN_UI or (method in ("GET", "HEAD") and path.startswith(_UI_STATIC)):
+        return None
     path = path.rstrip("/") or "/"
     if method in _READ_METHODS:
         return None if path in _OPEN_PATHS and method != "OPTIONS" else "viewer"
@@ -384,9 +397,18 @@ class BearerAuthMiddleware:
     server has tokens, so a server without them behaves exactly as before.
     """
 
-    def __init__(self, app: ASGIApp, tokens: TokenTable) -> None:
+    def __init__(self, app: ASGIApp, tokens: TokenTable,
+                 sessions: SessionTable | None = None) -> None:
         self.app = app
         self.tokens = tokens
+        self.sessions = sessions
+
+    def _from_cookie(self, scope: Scope) -> Token | None:
+        """The token of the request's dashboard session cookie, or None."""
+        if self.sessions is None:
+            return None
+        session_id = session_id_from(_header(scope, b"cookie"))
+        return self.sessions.lookup(session_id) if session_id is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -397,10 +419,21 @@ class BearerAuthMiddleware:
         needed = required_role(method, path, query)
         presented, problem = _presented_token(scope, query_token)
         token = self.tokens.lookup(presented) if presented is not None else None
+        if token is None and presented is None and problem == _NEEDS_TOKEN:
+            token = self._from_cookie(scope)
+            if token is not None and needed is not None and not _ui_header_ok(scope):
+                log.info("labd auth: refused %s %s by session cookie without %s",
+                         method, path, UI_HEADER)
+                await _refuse(scope, receive, send, Forbidden(_NEEDS_UI_HEADER), None)
+                return
         if needed is None:
             # Open to anyone; a valid token still says who calls (the full /health body).
             await self.app(scope if token is None else _as_user(scope, token, query),
                            receive, send)
+            return
+        if token is None and method == "GET" and path.startswith("/ui/"):
+            # A browser without a session: the sign-in page, then back here.
+            await RedirectResponse(_login_url(scope), status_code=303)(scope, receive, send)
             return
         if token is None:
             challenge = 'Bearer realm="labd"' + (', error="invalid_token"' if presented else "")
@@ -416,6 +449,25 @@ class BearerAuthMiddleware:
             await _refuse(scope, receive, send, exc, None)
             return
         await self.app(_as_user(scope, token, query), receive, send)
+
+
+_NEEDS_UI_HEADER = (
+    f"A request signed in by the dashboard's session cookie must carry the header "
+    f"'{UI_HEADER}: 1' (the dashboard adds it; a form on another site cannot). Scripts "
+    "send 'Authorization: Bearer <token>' instead.")
+
+
+def _ui_header_ok(scope: Scope) -> bool:
+    return (cookie_exempt(scope["method"], scope["path"])
+            or _header(scope, UI_HEADER.lower().encode("ascii")) == "1")
+
+
+def _login_url(scope: Scope) -> str:
+    target = scope["path"]
+    query = scope.get("query_string", b"")
+    if query:
+        target += "?" + query.decode("latin-1")
+    return "/ui/login?" + urlencode({"next": target})
 
 
 def _as_user(scope: Scope, token: Token, query: bytes) -> Scope:

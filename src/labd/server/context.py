@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 
@@ -135,13 +135,6 @@ class ServerContext:
             with contextlib.suppress(UnknownNameError):
                 self.daemon.device_slot(device_id).unresponsive = count > 0
 
-    def known_method(self, device_id: str, method: Any) -> tuple[str, str]:
-        """Metric labels for a call: real names, or ``(unknown)`` so bad input cannot add series."""
-        try:
-            slot = self.daemon.device_slot(device_id)
-        except (UnknownNameError, TypeError):
-            return "(unknown)", "(unknown)"
-        return device_id, method if isinstance(method, str) and method in slot.originals else "(unknown)"
 
 
 # async: FastAPI runs plain-def dependencies in a thread pool (two thread hops per request)

@@ -13,6 +13,7 @@ ownership; stored tracebacks are shown to admins only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -44,6 +45,7 @@ _RESERVED_PARAMS = frozenset({"device_id", "device_type"})
 # The server owns a device's stream: /call must not start one nobody can subscribe to, or
 # stop one under its subscribers without the ownership check of the stop route.
 _STREAM_CONTROL = frozenset({"start_streaming", "stop_streaming"})
+_UNKNOWN_CALL = ("(unknown)", "(unknown)")
 
 
 def _info_bytes(ctx: ServerContext, device_id: str) -> bytes:
@@ -137,18 +139,29 @@ async def disconnect_device(
     return json_bytes_response(info)
 
 
-def _validated_args(
-    slot: DeviceSlot, method: str, args: list[Any], kwargs: dict[str, Any],
-) -> tuple[list[Any], dict[str, Any]]:
-    """Arguments checked and converted against the method's annotations (422), on the loop.
+def _prepared_call(
+    ctx: ServerContext, slot: DeviceSlot, method: str, args: list[Any], kwargs: dict[str, Any],
+    actor: Any,
+) -> Callable[[], Any]:
+    """The call to run on a worker, its arguments checked and converted here, on the loop.
 
-    An unknown or private name passes through: the core's check says why (404/400).
+    Arguments that do not fit the method's annotations are 422 before the device lock is
+    taken. Validation binds them to the signature, so the call needs no second check. A name
+    without a signature (unknown, private, a builtin) goes through the daemon's own checks,
+    which say why it cannot be called (404/400).
     """
     original = slot.originals.get(method)
     signature = signature_of(original) if original is not None else None
     if signature is None:
-        return args, kwargs
-    return signature.validate(args, kwargs, f"{slot.device_id}.{method}()")
+        device_id = slot.device_id
+        return lambda: ctx.daemon.call_device(device_id, method, args, kwargs, actor=actor)
+    args, kwargs = signature.validate(args, kwargs, f"{slot.device_id}.{method}()")
+
+    def call() -> Any:
+        with acting_as(actor):
+            return getattr(slot.instance, method)(*args, **kwargs)  # the locking wrapper
+
+    return call
 
 
 def _check_callable(slot: DeviceSlot, method: str, token: Token | None) -> None:
@@ -188,22 +201,21 @@ async def call_device(request: Request) -> Response:
     actor = remote_actor(request)
     timeout = timeout_query(request, ctx.settings.max_request_timeout)
     body = call_body(await request.body())
-    what = f"{device_id}.{body.method}()"
-    args, kwargs = body.args, body.kwargs
-
-    def job() -> bytes:
-        result: Any = guard_device_code(
-            lambda: ctx.daemon.call_device(device_id, body.method, args, kwargs, actor=actor),
-            device_id, what)
-        return b'{"result":' + dumps(result, f"the result of {what}") + b',"success":true}'
-
-    labels = ctx.known_method(device_id, body.method)
+    method = body.method
+    what = f"{device_id}.{method}()"
+    labels = _UNKNOWN_CALL  # metric labels: real names only, so bad input cannot add series
     try:
         # On the loop, before any work is offloaded: an unknown id is 404 (not 504), and
         # arguments that do not fit the annotations are 422 before the device lock is taken.
         slot = ctx.daemon.device_slot(device_id)
-        _check_callable(slot, body.method, current_token(request))
-        args, kwargs = _validated_args(slot, body.method, args, kwargs)
+        labels = (device_id, method if method in slot.originals else "(unknown)")
+        _check_callable(slot, method, current_token(request))
+        call = _prepared_call(ctx, slot, method, body.args, body.kwargs, actor)
+
+        def job() -> bytes:
+            result: Any = guard_device_code(call, device_id, what)
+            return b'{"result":' + dumps(result, f"the result of {what}") + b',"success":true}'
+
         payload = await ctx.run_for_device(device_id, job, what=what, timeout=timeout)
     except Exception as exc:
         outcome = type(exc).__name__ if isinstance(exc, LabDaemonException | TypeError) else "error"
