@@ -459,15 +459,19 @@ class LabDaemon:
         return owner[0].label if owner else None
 
     # -- a lab of several nodes ---------------------------------------------------------------
-    def join_lab(self, node: Any, remote: RemoteDevices | None, gate: ClaimGate | None) -> None:
+    def join_lab(
+        self, node: Any, remote: RemoteDevices | None, gate: ClaimGate | None,
+    ) -> ClaimRegistry:
         """Make this daemon a node of a lab: other nodes' devices and the engine's claims.
 
-        Called by :class:`labd.lab.LabNode` (``join_lab(None, None, None)`` leaves). Without
-        it the daemon is one process, exactly as before.
+        Called by :class:`labd.lab.LabNode` (``join_lab(None, None, None)`` leaves); returns
+        the claim registry, in which the node stands in for other nodes' claims. Without it
+        the daemon is one process, exactly as before.
         """
         self.lab = node
         self._devices.remote = remote
         self._claims.gate = gate
+        return self._claims
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property

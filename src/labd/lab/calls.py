@@ -1,0 +1,212 @@
+"""Calls to a device on another node: request/reply through the engine.
+
+The caller pushes a request (with a deadline and, for a command under a claim, the claim's
+fencing token) on the owning node's request list and waits on its own reply list. The
+owning node's worker threads pop requests, check the token (it must be the device's live
+claim and not lower than any token seen for that device), call the device under its own
+lock as a remote actor, and push the reply. Errors come back as the same exception types,
+so the caller's server answers the same HTTP codes as the device's own server would.
+
+    reply = encode_error(exc)          # on the device's node
+    raise decode_error(reply)          # on the caller's node: same type, same message
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+
+import labd.errors as core_errors
+from labd.errors import (
+    DeviceBusyError,
+    DeviceOperationError,
+    DeviceTimeoutError,
+    LabDaemonException,
+)
+from labd.lab import errors as lab_errors
+from labd.lab.coordinator import Coordinator
+from labd.lab.errors import ClaimLostError, EngineUnavailableError
+
+__all__ = ["RequestWorkers", "call_request", "claim_lost", "decode_error", "encode_error", "send_call"]
+
+log = logging.getLogger("labd.lab")
+
+Handler = Callable[[dict[str, Any]], Any]
+#: How long an unread reply stays in the engine (its caller may be gone).
+REPLY_TTL_S = 60.0
+
+
+def _default(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def dumps(value: Any) -> bytes:
+    """JSON bytes of a request or reply (NumPy arrays as lists)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY, default=_default)
+
+
+def encode_error(exc: BaseException) -> dict[str, Any]:
+    """A reply's ``error``: the exception's class name, message and context."""
+    context = dict(getattr(exc, "labd_context", None) or {})
+    busy = getattr(exc, "busy", None)
+    return {"type": type(exc).__name__, "message": str(exc), "busy": busy, "context": context}
+
+
+def _error_class(name: str) -> type[LabDaemonException]:
+    for module in (lab_errors, core_errors):
+        found = getattr(module, name, None)
+        if isinstance(found, type) and issubclass(found, LabDaemonException):
+            return found
+    if name == "ParameterValidationError":
+        from labd.signatures import ParameterValidationError
+
+        return ParameterValidationError
+    return DeviceOperationError
+
+
+def decode_error(error: Mapping[str, Any]) -> LabDaemonException:
+    """The exception an error reply describes, of the same class where labd has it."""
+    cls = _error_class(str(error.get("type", "")))
+    message = str(error.get("message", ""))
+    exc: LabDaemonException
+    if issubclass(cls, DeviceBusyError):
+        exc = cls(message, list(error.get("busy") or []))
+    else:
+        try:
+            exc = cls(message)
+        except TypeError:  # a class with its own constructor: keep the type's family
+            exc = LabDaemonException(message)
+    context = error.get("context")
+    if context:
+        exc.labd_context = dict(context)  # type: ignore[attr-defined]
+    return exc
+
+
+def send_call(
+    coordinator: Coordinator, node: str, caller: str, request: dict[str, Any], timeout: float,
+) -> Any:
+    """Send ``request`` to ``node`` and wait up to ``timeout`` s for its reply's result."""
+    reply_key = f"{caller}:{uuid.uuid4().hex}"
+    deadline = time.time() + timeout
+    coordinator.push_request(node, dumps({**request, "reply": reply_key, "deadline": deadline,
+                                          "from": caller}))
+    payload = coordinator.pop_reply(reply_key, timeout)
+    if payload is None:
+        what = f"{request.get('device')}.{request.get('method')}()" if request.get("method") else request.get("op")
+        raise DeviceTimeoutError(
+            f"Device {request.get('device')!r} on node {node!r}: {what} got no answer within "
+            f"{timeout:g} s; node {node!r} may be down, frozen or overloaded. Check it "
+            "(labd lab nodes) and try again.")
+    reply = orjson.loads(payload)
+    if reply.get("ok"):
+        return reply.get("result")
+    raise decode_error(reply.get("error") or {})
+
+
+class RequestWorkers:
+    """Threads that answer this node's requests; see the module docstring."""
+
+    def __init__(
+        self, coordinator: Coordinator, node: str, handler: Handler, *, workers: int,
+        on_engine_error: Callable[[EngineUnavailableError], None],
+    ) -> None:
+        self._coordinator = coordinator
+        self._node = node
+        self._handler = handler
+        self._on_engine_error = on_engine_error
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, name=f"labd-lab-worker-{node}-{i}",
+                                          daemon=True) for i in range(workers)]
+
+    def start(self) -> None:
+        """Start answering."""
+        for thread in self._threads:
+            thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop after the current requests (each pop waits at most 1 s)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(deadline - time.monotonic(), 0.0))
+
+    def _loop(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                payload = self._coordinator.pop_request(self._node, 0.5)
+            except EngineUnavailableError as exc:
+                self._on_engine_error(exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1
+            if payload is not None:
+                self._answer(payload)
+
+    def _answer(self, payload: bytes) -> None:
+        try:
+            request = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.warning("lab: node %r dropped a request that is not JSON", self._node)
+            return
+        reply_key = request.get("reply")
+        if time.time() > float(request.get("deadline", 0)):
+            reply: dict[str, Any] = {"ok": False, "error": encode_error(DeviceTimeoutError(
+                f"Node {self._node!r} got the request for {request.get('device')!r} after its "
+                "deadline and did not run it."))}
+        else:
+            try:
+                reply = {"ok": True, "result": self._handler(request)}
+                body = dumps(reply)
+            except (LabDaemonException, TypeError, ValueError) as exc:
+                reply = {"ok": False, "error": encode_error(exc)}
+            except Exception as exc:  # the driver's own error: wrapped as the server does
+                fault = DeviceOperationError(
+                    f"Device {request.get('device')!r}: {request.get('method')}() raised "
+                    f"{type(exc).__name__}: {exc}")
+                fault.labd_context = {"device_id": request.get("device"),  # type: ignore[attr-defined]
+                                      "cause_type": type(exc).__name__, "node": self._node}
+                reply = {"ok": False, "error": encode_error(fault)}
+            else:
+                self._push(reply_key, body)
+                return
+        self._push(reply_key, dumps(reply))
+
+    def _push(self, reply_key: object, body: bytes) -> None:
+        if not isinstance(reply_key, str):
+            return  # a notice: nobody waits for its answer
+        try:
+            self._coordinator.push_reply(reply_key, body, REPLY_TTL_S)
+        except EngineUnavailableError as exc:
+            self._on_engine_error(exc)
+
+
+def call_request(
+    device_id: str, method: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+    token: int | None, principal: str | None, owner: str | None,
+) -> dict[str, Any]:
+    """The request for one method call."""
+    return {"op": "call", "device": device_id, "method": method, "args": list(args),
+            "kwargs": dict(kwargs), "token": token, "principal": principal, "owner": owner}
+
+
+def claim_lost(device_id: str, token: int, why: str) -> ClaimLostError:
+    """The 409 a device's node answers to a command whose token is not the live claim."""
+    return ClaimLostError(
+        f"Device {device_id!r}: claim lost: the command carried claim token {token}, which "
+        f"{why}. Nothing was sent to the device; claim it again.",
+        [{"device_id": device_id, "owner": "", "owner_kind": "lost", "owner_id": "",
+          "since": "", "token": token}])

@@ -1,0 +1,386 @@
+"""A lab node: one daemon joined to the lab's engine.
+
+:class:`LabNode` registers the node and its devices in the directory (keys that expire
+unless refreshed every heartbeat), answers requests for its devices from other nodes,
+calls other nodes' devices for its own callers, and takes claims in the engine for its runs
+and leases (:class:`~labd.lab.claims.EngineClaims`). When the engine is unreachable the node
+keeps serving its own devices, says ``degraded`` naming the engine, and reconnects with
+backoff; the directory is rebuilt by the next successful heartbeat.
+
+    node = LabNode(daemon, RedisCoordinator(url), "pc-laser")
+    node.start()           # DeviceIdConflictError if another live node serves one of the ids
+    ...
+    daemon.shutdown(); node.close()
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from labd.errors import UnknownDeviceError, describe_choices
+from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call
+from labd.lab.claims import EngineClaims, RemoteClaim
+from labd.lab.coordinator import Coordinator
+from labd.lab.errors import DeviceIdConflictError, EngineUnavailableError
+from labd.lab.settings import LabTimings
+from labd.ownership import Actor, ClaimRegistry, Lease, Owner, current_actor
+from labd.tasks import TaskRun
+
+__all__ = ["LabNode", "RemoteDevice"]
+
+log = logging.getLogger("labd.lab")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("labd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class RemoteDevice:
+    """A device on another node: its public methods are calls through the engine.
+
+    ``daemon.get_device("camera1")`` returns one on a lab node when another node serves
+    ``camera1``; inside a task run its commands carry the run's claim token.
+    """
+
+    def __init__(self, node: LabNode, device_id: str) -> None:
+        self.device_id = device_id
+        self._lab_node = node
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        node, device_id = self._lab_node, self.device_id
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return node.call(device_id, name, args, kwargs, current_actor())
+
+        call.__name__ = name
+        return call
+
+    def __repr__(self) -> str:
+        return f"<RemoteDevice {self.device_id!r} on node {self._lab_node.node_of(self.device_id)!r}>"
+
+
+class LabNode:
+    """One daemon as a node of a lab; see the module docstring."""
+
+    def __init__(
+        self, daemon: Any, coordinator: Coordinator, node: str, *,
+        timings: LabTimings | None = None, workers: int = 4, call_timeout: float = 30.0,
+        url: str | None = None, own_coordinator: bool = True,
+    ) -> None:
+        self.daemon = daemon
+        self.coordinator = coordinator
+        self.name = node
+        self.timings = timings or LabTimings()
+        self.call_timeout = call_timeout
+        self.url = url
+        self._own_coordinator = own_coordinator
+        self.started_at = time.time()
+        self.engine_error: str | None = None  # why the engine is unreachable, or None
+        self.last_heartbeat: float | None = None
+        self.conflicts: dict[str, str] = {}  # device id -> the live node that holds it
+        self._directory: dict[str, str] = {}  # device id -> node (other nodes), last read
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._mirrors: dict[str, RemoteClaim] = {}
+        self._seen: dict[str, int] = {}  # device id -> highest token seen
+        self._mirror_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self.claims = EngineClaims(coordinator, node, self.timings, on_lost=self._claim_lost,
+                                   on_released=self._notify_released)
+        self._workers = RequestWorkers(coordinator, node, self._handle, workers=workers,
+                                       on_engine_error=self._engine_down)
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop,
+                                           name=f"labd-lab-heartbeat-{node}", daemon=True)
+        self._registry: ClaimRegistry | None = None
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Register, join the daemon to the lab and start the threads.
+
+        Raises :class:`DeviceIdConflictError` if another live node serves one of this node's
+        device ids; an unreachable engine is not an error (the node starts ``degraded``).
+        """
+        try:
+            self._register()
+        except EngineUnavailableError as exc:
+            self._engine_down(exc)
+        self._registry = self.daemon.join_lab(self, self, self.claims)
+        self.claims.start()
+        self._workers.start()
+        self._heartbeat.start()
+        self._started = True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Leave the lab: stop the threads, unregister, detach from the daemon. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._kick.set()
+        if self._started:
+            self._heartbeat.join(timeout)
+        self._workers.close(timeout)
+        self.claims.close(timeout)
+        if getattr(self.daemon, "lab", None) is self:
+            self.daemon.join_lab(None, None, None)
+        try:
+            self.coordinator.unregister(self.name, self._local_ids())
+        except EngineUnavailableError:
+            pass  # the keys expire by themselves
+        if self._own_coordinator:
+            self.coordinator.close()
+
+    # -- directory -----------------------------------------------------------------------------
+    def _local_ids(self) -> list[str]:
+        return [d for d in self.daemon.device_ids() if d not in self.conflicts]
+
+    def _info(self) -> dict[str, Any]:
+        devices = []
+        for device_id in self._local_ids():
+            try:
+                slot = self.daemon.device_slot(device_id)
+            except UnknownDeviceError:
+                continue
+            owner = slot.owner
+            devices.append({"device_id": device_id, "device_type": slot.device_type,
+                            "state": slot.state.value,
+                            "owner_label": owner.label if owner is not None else None})
+        return {"node": self.name, "version": _version(), "pid": os.getpid(),
+                "host": socket.gethostname(), "url": self.url, "started_at": self.started_at,
+                "heartbeat_at": time.time(), "devices": devices}
+
+    def _register(self) -> None:
+        while True:
+            try:
+                self.coordinator.register(self.name, self._info(), self._local_ids(),
+                                          self.timings.directory_ttl)
+                break
+            except DeviceIdConflictError as exc:
+                if not self._started:
+                    raise
+                # A device added since start clashes with another node's: serve it here
+                # only, and say so in /health (the other node registered it first).
+                self.conflicts[exc.device_id] = exc.node
+                log.warning("lab: %s", exc)
+        self.last_heartbeat = time.time()
+        self._read_directory()
+        if self.engine_error is not None:
+            log.info("lab: node %r reconnected to %s", self.name, self.coordinator.description)
+        self.engine_error = None
+
+    def _read_directory(self) -> None:
+        nodes = self.coordinator.nodes()
+        directory = {}
+        for name, info in nodes.items():
+            if name == self.name:
+                continue
+            for device in info.get("devices", []):
+                directory[str(device.get("device_id"))] = name
+        self._nodes, self._directory = nodes, directory
+
+    def _heartbeat_loop(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            wait = self.timings.heartbeat
+            try:
+                self._register()
+                self._sweep_mirrors()
+                backoff = 0.2
+            except EngineUnavailableError as exc:
+                self._engine_down(exc)
+                wait = backoff  # reconnect with backoff, never slower than a heartbeat
+                backoff = min(backoff * 2, self.timings.heartbeat)
+            self._kick.wait(wait)
+            self._kick.clear()
+
+    def refresh(self) -> None:
+        """Register and re-read the directory now (also done every heartbeat)."""
+        self._register()
+
+    def _engine_down(self, exc: EngineUnavailableError) -> None:
+        if self.engine_error is None:
+            log.warning("lab: node %r lost the engine: %s", self.name, exc)
+        self.engine_error = str(exc)
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """Live nodes (this one included) from the engine, or the last read if unreachable."""
+        try:
+            self._read_directory()
+        except EngineUnavailableError as exc:
+            self._engine_down(exc)
+        return dict(self._nodes)
+
+    def remote_devices(self) -> list[dict[str, Any]]:
+        """Devices of the other live nodes as their nodes last registered them, with ``node``."""
+        found = []
+        for name, info in sorted(self._nodes.items()):
+            if name == self.name:
+                continue
+            for device in info.get("devices", []):
+                found.append({**device, "node": name})
+        return found
+
+    def node_of(self, device_id: str) -> str | None:
+        """The other node serving ``device_id`` (None: none, or this node)."""
+        return self._directory.get(device_id)
+
+    # -- RemoteDevices (the daemon's device table asks these for ids not served here) -------------
+    def knows(self, device_id: str) -> bool:
+        """True if another live node serves ``device_id`` (the directory, re-read on a miss)."""
+        if device_id in self._directory:
+            return True
+        try:
+            node = self.coordinator.node_of(device_id)
+        except EngineUnavailableError:
+            return False
+        if node is not None and node != self.name:
+            self._directory[device_id] = node
+            return True
+        return False
+
+    def proxy(self, device_id: str) -> RemoteDevice:
+        """A :class:`RemoteDevice` for ``device_id``."""
+        return RemoteDevice(self, device_id)
+
+    def call(
+        self, device_id: str, method: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+        actor: Actor, timeout: float | None = None,
+    ) -> Any:
+        """Call ``device_id.method`` on its node as ``actor``, with ``actor``'s claim token."""
+        node = self._directory.get(device_id)
+        if node is None and self.knows(device_id):
+            node = self._directory.get(device_id)
+        if node is None:
+            raise UnknownDeviceError(
+                f"No device found with ID: '{device_id}' on any live node of the lab. Nodes: "
+                f"{describe_choices(self._nodes)}.")
+        token = self.claims.token_for(actor, device_id)
+        run = actor.run
+        owner = run.label if run is not None else None
+        principal = actor.principal or (run.principal if run is not None else None)
+        request = call_request(device_id, method, args, kwargs, token, principal, owner)
+        return send_call(self.coordinator, node, self.name, request,
+                         self.call_timeout if timeout is None else timeout)
+
+    # -- requests from other nodes -------------------------------------------------------------
+    def _handle(self, request: dict[str, Any]) -> Any:
+        op = request.get("op")
+        if op == "call":
+            return self._handle_call(request)
+        if op == "released":
+            self._drop_mirrors(list(request.get("devices", [])), int(request.get("token", 0)))
+            return None
+        if op == "methods":
+            return self.daemon.device_methods(str(request.get("device")))
+        if op == "info":
+            return self.daemon.device_info(str(request.get("device")))
+        raise UnknownDeviceError(f"Node {self.name!r} does not know the request {op!r}.")
+
+    def _handle_call(self, request: dict[str, Any]) -> Any:
+        device_id = str(request.get("device"))
+        method = str(request.get("method"))
+        token = request.get("token")
+        slot = self.daemon.device_slot(device_id)  # 404 for an id this node no longer serves
+        mirror = None
+        if token is not None and slot.kinds.get(method) == "command":
+            mirror = self._admit(device_id, int(token))
+        actor = Actor(run=mirror, principal=request.get("principal"), remote=True)
+        return self.daemon.call_device(device_id, method, request.get("args") or [],
+                                       request.get("kwargs") or {}, actor=actor)
+
+    def _admit(self, device_id: str, token: int) -> RemoteClaim:
+        """Check a command's token against the live claim; install its stand-in owner here."""
+        with self._mirror_lock:
+            if token < self._seen.get(device_id, 0):
+                raise claim_lost(device_id, token, f"is lower than token {self._seen[device_id]} "
+                                 "this node has already seen for it")
+            holder = self.coordinator.holder(device_id)
+            if holder is None or holder.token != token:
+                who = (f"the device is now claimed by {holder.label} on node {holder.node!r}"
+                       if holder is not None else "the device has no live claim")
+                raise claim_lost(device_id, token, f"is not its live claim ({who})")
+            self._seen[device_id] = token
+            mirror = self._mirrors.get(device_id)
+            if mirror is not None and mirror.token == token:
+                return mirror
+            if mirror is not None:
+                self._claims_here().release(mirror)
+                del self._mirrors[device_id]
+            mirror = RemoteClaim(holder)
+            # DeviceBusyError (409) if an owner of this node still holds it here: that
+            # owner's engine claim is gone, and its renewer cancels it within a period.
+            self._claims_here().claim(mirror, [device_id], "Its previous owner is being stopped.")
+            self._mirrors[device_id] = mirror
+            return mirror
+
+    def _claims_here(self) -> ClaimRegistry:
+        registry = self._registry
+        if registry is None:
+            raise UnknownDeviceError(f"Node {self.name!r} has not joined the lab yet.")
+        return registry
+
+    def _drop_mirrors(self, device_ids: list[str], token: int) -> None:
+        with self._mirror_lock:
+            for device_id in device_ids:
+                mirror = self._mirrors.get(device_id)
+                if mirror is not None and (token == 0 or mirror.token == token):
+                    del self._mirrors[device_id]
+                    self._claims_here().release(mirror)
+
+    def _sweep_mirrors(self) -> None:
+        """Drop stand-in owners whose claim the engine no longer holds (lost release notices)."""
+        for device_id, mirror in list(self._mirrors.items()):
+            holder = self.coordinator.holder(device_id)
+            if holder is None or holder.token != mirror.token:
+                self._drop_mirrors([device_id], mirror.token)
+
+    def _notify_released(self, device_ids: tuple[str, ...], token: int) -> None:
+        """Tell the devices' nodes that a claim ended, so their stand-in owners go now."""
+        by_node: dict[str, list[str]] = {}
+        for device_id in device_ids:
+            node = self._directory.get(device_id)
+            if node is not None:
+                by_node.setdefault(node, []).append(device_id)
+        for node, ids in by_node.items():
+            try:
+                from labd.lab.calls import dumps
+
+                self.coordinator.push_request(node, dumps({
+                    "op": "released", "devices": ids, "token": token,
+                    "deadline": time.time() + self.timings.claim_ttl, "from": self.name}))
+            except EngineUnavailableError:
+                pass  # the other node's sweep drops it within a heartbeat
+
+    def _claim_lost(self, owner: Owner, why: str) -> None:
+        """A claim of this node was lost: cancel the run, or end the lease."""
+        if isinstance(owner, TaskRun):
+            from labd.tasks import TaskHandle
+
+            TaskHandle(owner).cancel()
+        elif isinstance(owner, Lease):
+            try:
+                self.daemon.break_lease(owner.lease_id, f"its claim in the lab engine was lost: {why}")
+            except Exception:
+                log.exception("lab: could not end lease %r", owner.lease_id)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """The ``lab`` part of ``/health``."""
+        return {"node": self.name, "engine": self.coordinator.description,
+                "connected": self.engine_error is None, "engine_error": self.engine_error,
+                "last_heartbeat": self.last_heartbeat, "nodes": sorted(self._nodes),
+                "conflicts": dict(self.conflicts), "claims_held": len(self.claims.held())}
