@@ -1,0 +1,136 @@
+"""Dashboard sign-in: a bearer token exchanged for an HttpOnly, SameSite=Strict session cookie.
+
+A browser cannot attach ``Authorization`` to a page navigation or an ``EventSource``, so on a
+server with tokens the dashboard (``/ui/login``) trades the token for a random session id kept
+in the cookie :data:`COOKIE` (``HttpOnly``: page scripts cannot read it; ``SameSite=Strict``:
+the browser never sends it with a request another site starts). The server keeps only the
+SHA-256 digest of each session id, mapped to the :class:`~labd.server.auth.Token` it speaks
+for, for at most :data:`SESSION_TTL_S` (sliding: each use extends it) and at most
+:data:`MAX_SESSIONS` sessions (the oldest go first).
+
+A request authenticated by the cookie must also carry :data:`UI_HEADER` (``X-Labd-UI: 1``),
+which the dashboard's scripts add to every request: a cross-site form or ``fetch`` cannot add
+a custom header without a CORS preflight, which the server never grants. The only requests
+exempt are the ones a browser makes without scripts: GET/HEAD of dashboard pages
+(``/ui/...``) and of the SSE streams (``/stream/...``, an ``EventSource``). Scripts, the CLI
+and ``labd.client`` keep using bearer tokens; the cookie is never required.
+
+Example::
+
+    sessions = SessionTable()
+    session_id = sessions.create(Token("alice", "operator"))
+    sessions.lookup(session_id)   # Token(user='alice', role='operator')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from http.cookies import CookieError, SimpleCookie
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from labd.server.auth import Token
+
+__all__ = [
+    "COOKIE",
+    "MAX_SESSIONS",
+    "SESSION_TTL_S",
+    "UI_HEADER",
+    "SessionTable",
+    "cookie_exempt",
+    "session_cookie",
+    "session_id_from",
+]
+
+#: The session cookie's name.
+COOKIE = "labd_session"
+#: The header (value ``1``) the dashboard adds to every request it authenticates by cookie.
+UI_HEADER = "X-Labd-UI"
+#: A session unused this long ends (each use extends it).
+SESSION_TTL_S = 12 * 3600.0
+#: At most this many live sessions; signing in beyond it ends the least recently used.
+MAX_SESSIONS = 1000
+_EXEMPT_PREFIXES = ("/ui/", "/stream/")
+
+
+def _digest(session_id: str) -> bytes:
+    return hashlib.sha256(session_id.encode("utf-8")).digest()
+
+
+class SessionTable:
+    """Live dashboard sessions, by digest of their id; thread-safe. See the module docstring."""
+
+    def __init__(self, ttl: float = SESSION_TTL_S, max_sessions: int = MAX_SESSIONS) -> None:
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self._lock = threading.Lock()
+        # digest -> (token, expires at, monotonic); least recently used first
+        self._sessions: OrderedDict[bytes, tuple[Token, float]] = OrderedDict()
+
+    def create(self, token: Token) -> str:
+        """A new session id speaking for ``token`` (the value of the cookie)."""
+        session_id = secrets.token_urlsafe(32)
+        with self._lock:
+            self._sessions[_digest(session_id)] = (token, time.monotonic() + self.ttl)
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        return session_id
+
+    def lookup(self, session_id: str) -> Token | None:
+        """The session's :class:`Token`, or None (unknown or expired); extends a live one."""
+        key = _digest(session_id)
+        now = time.monotonic()
+        with self._lock:
+            entry = self._sessions.get(key)
+            if entry is None:
+                return None
+            token, expires = entry
+            if expires <= now:
+                del self._sessions[key]
+                return None
+            self._sessions[key] = (token, now + self.ttl)
+            self._sessions.move_to_end(key)
+            return token
+
+    def end(self, session_id: str) -> bool:
+        """End the session (sign out); False if there was none."""
+        with self._lock:
+            return self._sessions.pop(_digest(session_id), None) is not None
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __repr__(self) -> str:
+        return f"<SessionTable {len(self)} session(s)>"
+
+
+def session_id_from(cookie_header: str | None) -> str | None:
+    """The session id in a ``Cookie`` header, or None."""
+    if not cookie_header or COOKIE not in cookie_header:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(cookie_header)
+    except CookieError:
+        return None
+    morsel = jar.get(COOKIE)
+    return morsel.value if morsel is not None and morsel.value else None
+
+
+def session_cookie(session_id: str | None, *, secure: bool) -> str:
+    """The ``Set-Cookie`` value that sets (or, for None, clears) the session cookie."""
+    value, age = (session_id, int(SESSION_TTL_S)) if session_id else ("", 0)
+    attributes = [f"{COOKIE}={value}", "Path=/", f"Max-Age={age}", "HttpOnly",
+                  "SameSite=Strict"]
+    if secure:
+        attributes.append("Secure")
+    return "; ".join(attributes)
+
+
+def cookie_exempt(method: str, path: str) -> bool:
+    """True for requests a browser makes without scripts (page loads, EventSource)."""
+    return method in ("GET", "HEAD") and path.startswith(_EXEMPT_PREFIXES)
