@@ -142,7 +142,6 @@ def create_app(daemon: LabDaemon, settings: ServerSettings | None = None) -> Fas
         # Added last, so it is outermost: error answers carry CORS headers too.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(web_routes.BrowserRootRedirect)
     # Outermost: a request for a host this server does not serve gets nothing else.
     app.add_middleware(GuardChain, guards=[host_guard])
     return app

@@ -431,7 +431,7 @@ class BearerAuthMiddleware:
             await self.app(scope if token is None else _as_user(scope, token, query),
                            receive, send)
             return
-        if token is None and method == "GET" and path.startswith("/ui/"):
+        if token is None and method == "GET" and (path.startswith("/ui/") or _html_root(scope)):
             # A browser without a session: the sign-in page, then back here.
             await RedirectResponse(_login_url(scope), status_code=303)(scope, receive, send)
             return
@@ -462,8 +462,13 @@ def _ui_header_ok(scope: Scope) -> bool:
             or _header(scope, UI_HEADER.lower().encode("ascii")) == "1")
 
 
+def _html_root(scope: Scope) -> bool:
+    """``GET /`` from a browser: it goes to the dashboard (the sign-in page first)."""
+    return scope["path"] == "/" and "text/html" in (_header(scope, b"accept") or "")
+
+
 def _login_url(scope: Scope) -> str:
-    target = scope["path"]
+    target = "/ui/" if scope["path"] == "/" else scope["path"]
     query = scope.get("query_string", b"")
     if query:
         target += "?" + query.decode("latin-1")

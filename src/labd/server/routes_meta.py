@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 
 import labd
 from labd.devices import DeviceState
@@ -29,8 +29,10 @@ _STORE_STATS_TIMEOUT_S = 2.0
 _STORE_KEYS = ("path", "size_bytes", "runs", "degraded", "degraded_reason", "dropped_records")
 
 
-async def root(ctx: Ctx) -> Response:
-    """Server name, version and the endpoints it offers."""
+async def root(ctx: Ctx, request: Request) -> Response:
+    """Server name, version and the endpoints it offers (a browser is sent to the dashboard)."""
+    if "text/html" in request.headers.get("accept", ""):
+        return RedirectResponse("/ui/", status_code=307)
     return json_response({"name": "labd", "version": labd.__version__,
                           "endpoints": dict(ctx.endpoints)})
 

@@ -1,9 +1,8 @@
 """Mount the dashboard on a labd app: pages, sign-in, downloads, ``/docs``, static files.
 
 :func:`install` is called by :func:`labd.server.create_app`. Pages are left out of the
-OpenAPI description (they are HTML for people, not API). :class:`BrowserRootRedirect` sends
-a browser that opens ``/`` (``Accept: text/html``) to ``/ui/``; API clients still get the
-JSON of ``GET /``. :func:`started` and :func:`stopped` (from the app's lifespan) attach and
+OpenAPI description (they are HTML for people, not API); ``GET /`` itself sends a browser
+(``Accept: text/html``) to ``/ui/`` (:mod:`labd.server.routes_meta`). :func:`started` and :func:`stopped` (from the app's lifespan) attach and
 detach the ring of recent log lines the server page shows.
 """
 
@@ -17,14 +16,13 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.responses import HTMLResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from labd.server.sessions import SessionTable
 from labd.web import docs, downloads, signin
 from labd.web.logbuffer import LogRing
 from labd.web.pages import PAGES
 
-__all__ = ["STATIC", "BrowserRootRedirect", "install", "started", "stopped"]
+__all__ = ["STATIC", "install", "started", "stopped"]
 
 log = logging.getLogger("labd.server")
 
@@ -75,18 +73,3 @@ def stopped(app: FastAPI) -> None:
     ring = getattr(app.state, "labd_log", None)
     if isinstance(ring, LogRing):
         ring.detach()
-
-
-class BrowserRootRedirect:
-    """ASGI middleware: ``GET /`` asking for HTML (a browser) is redirected to ``/ui/``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
-            accept = next((bytes(v) for k, v in scope.get("headers", ()) if k == b"accept"), b"")
-            if b"text/html" in accept:
-                await RedirectResponse("/ui/", status_code=307)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
