@@ -42,10 +42,14 @@ def _text(value: Any) -> str:
 class RedisCoordinator:
     """The coordinator on a Redis-protocol engine; see the module docstring."""
 
-    def __init__(self, url: str, *, prefix: str = "labd:", socket_timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "labd:", socket_timeout: float = 5.0,
+        client: redis.Redis | None = None,
+    ) -> None:
         self.description = describe_engine(url)
         self.prefix = prefix
-        self._client = redis.Redis.from_url(
+        # ``client``: an already made client (tests pass a fakeredis one).
+        self._client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 2.0),
             retry_on_timeout=False, health_check_interval=0)
         self._claim = self._client.register_script(scripts.CLAIM)
@@ -123,8 +127,8 @@ class RedisCoordinator:
             return ClaimOutcome(int(answer[1]))
         busy = tuple(
             ClaimHolder(_text(dev), _text(key), _text(label), _text(kind), _text(oid), _text(node),
-                        float(since), 0 if _text(reserved) == "1" else 1)
-            for dev, key, label, kind, oid, node, since, reserved in answer[1])
+                        float(since), int(token))
+            for dev, key, label, kind, oid, node, since, token in answer[1])
         return ClaimOutcome(None, busy)
 
     def enqueue(self, spec: ClaimSpec, device_ids: Sequence[str], ttl: float) -> int:

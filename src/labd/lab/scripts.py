@@ -29,8 +29,8 @@ end
 """
 
 #: KEYS: none. ARGV: prefix, owner key, label, kind, owner id, node, ttl ms, ticket ('' for
-#: none), device ids... Returns {1, token} or {0, {device, key, label, kind, oid, node, since,
-#: reserved(0/1)}, ...}.
+#: none), device ids... Returns {1, token} or {0, {{device, key, label, kind, oid, node, since,
+#: token ('0': reserved by a waiter)}, ...}}.
 CLAIM = _SPLIT + r"""
 local prefix, me = ARGV[1], ARGV[2]
 local ttl, ticket = tonumber(ARGV[7]), ARGV[8]
@@ -38,9 +38,9 @@ local devices = {}
 for i = 9, #ARGV do table.insert(devices, ARGV[i]) end
 local busy, free = {}, {}
 for _, dev in ipairs(devices) do
-  local h = redis.call('HMGET', prefix .. 'claim:' .. dev, 'key', 'label', 'kind', 'oid', 'node', 'since')
+  local h = redis.call('HMGET', prefix .. 'claim:' .. dev, 'key', 'label', 'kind', 'oid', 'node', 'since', 'token')
   if h[1] then
-    if h[1] ~= me then table.insert(busy, {dev, h[1], h[2], h[3], h[4], h[5], h[6], '0'}) end
+    if h[1] ~= me then table.insert(busy, {dev, h[1], h[2], h[3], h[4], h[5], h[6], h[7]}) end
   else
     free[dev] = true
   end
@@ -58,7 +58,7 @@ if #busy == 0 then
       for dev in string.gmatch(f[7], '%S+') do
         if free[dev] then
           free[dev] = nil
-          table.insert(busy, {dev, f[1], f[2], f[3], f[4], f[5], f[6], '1'})
+          table.insert(busy, {dev, f[1], f[2], f[3], f[4], f[5], f[6], '0'})
         end
       end
     end
