@@ -137,6 +137,11 @@ class RequestWorkers:
     def close(self, timeout: float = 2.0) -> None:
         """Stop after the current requests (each pop waits at most 1 s)."""
         self._stop.set()
+        for _ in self._threads:  # wake every blocked pop at once
+            try:
+                self._coordinator.push_request(self._node, b'{"op": "wake"}')
+            except EngineUnavailableError:
+                break  # their pops fail by themselves
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread.is_alive():
@@ -163,6 +168,8 @@ class RequestWorkers:
             log.warning("lab: node %r dropped a request that is not JSON", self._node)
             return
         reply_key = request.get("reply")
+        if request.get("op") == "wake":
+            return
         if time.time() > float(request.get("deadline", 0)):
             reply: dict[str, Any] = {"ok": False, "error": encode_error(DeviceTimeoutError(
                 f"Node {self._node!r} got the request for {request.get('device')!r} after its "

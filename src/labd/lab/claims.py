@@ -84,12 +84,14 @@ class EngineClaims:
         self, coordinator: Coordinator, node: str, timings: LabTimings, *,
         on_lost: Callable[[Owner, str], None],
         on_released: Callable[[tuple[str, ...], int], None],
+        on_claimed: Callable[[tuple[str, ...], int], None] | None = None,
     ) -> None:
         self._coordinator = coordinator
         self._node = node
         self._timings = timings
         self._on_lost = on_lost
         self._on_released = on_released
+        self._on_claimed = on_claimed or (lambda device_ids, token: None)
         self._lock = threading.Lock()
         self._held: dict[int, HeldClaim] = {}
         self._lost: dict[int, HeldClaim] = {}
@@ -145,6 +147,7 @@ class EngineClaims:
             self._held[id(owner)] = HeldClaim(owner, spec, ids, token,
                                               sent_at + self._timings.claim_ttl)
             self._lost.pop(id(owner), None)
+        self._on_claimed(ids, token)
 
     def queue(self, pending: PendingClaim, timeout: float | None, granted: Callable[[], None]) -> None:
         """Wait in the engine's FIFO (see the module docstring)."""

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from labd.errors import UnknownDeviceError, describe_choices
+from labd.errors import DeviceBusyError, UnknownDeviceError, describe_choices
 from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call
 from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
@@ -98,7 +98,8 @@ class LabNode:
         self._stop = threading.Event()
         self._kick = threading.Event()
         self.claims = EngineClaims(coordinator, node, self.timings, on_lost=self._claim_lost,
-                                   on_released=self._notify_released)
+                                   on_released=self._notify_released,
+                                   on_claimed=self._notify_claimed)
         self._workers = RequestWorkers(coordinator, node, self._handle, workers=workers,
                                        on_engine_error=self._engine_down)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop,
@@ -284,6 +285,13 @@ class LabNode:
         if op == "released":
             self._drop_mirrors(list(request.get("devices", [])), int(request.get("token", 0)))
             return None
+        if op == "claimed":
+            for device_id in request.get("devices", []):
+                try:
+                    self._admit(str(device_id), int(request.get("token", 0)))
+                except (DeviceBusyError, UnknownDeviceError):
+                    pass  # lost or taken meanwhile; the commands' own checks decide
+            return None
         if op == "methods":
             return self.daemon.device_methods(str(request.get("device")))
         if op == "info":
@@ -296,11 +304,22 @@ class LabNode:
         token = request.get("token")
         slot = self.daemon.device_slot(device_id)  # 404 for an id this node no longer serves
         mirror = None
-        if token is not None and slot.kinds.get(method) == "command":
-            mirror = self._admit(device_id, int(token))
+        if slot.kinds.get(method) == "command":
+            if token is not None:
+                mirror = self._admit(device_id, int(token))
+            else:
+                self._mirror_claim_of(device_id)  # a claim of another node refuses it (409)
         actor = Actor(run=mirror, principal=request.get("principal"), remote=True)
         return self.daemon.call_device(device_id, method, request.get("args") or [],
                                        request.get("kwargs") or {}, actor=actor)
+
+    def _mirror_claim_of(self, device_id: str) -> None:
+        """Install the stand-in owner of another node's live claim on ``device_id``, if any."""
+        holder = self.coordinator.holder(device_id)
+        if holder is not None and holder.node != self.name:
+            mirror = self._mirrors.get(device_id)
+            if mirror is None or mirror.token != holder.token:
+                self._admit(device_id, holder.token)
 
     def _admit(self, device_id: str, token: int) -> RemoteClaim:
         """Check a command's token against the live claim; install its stand-in owner here."""
@@ -348,8 +367,15 @@ class LabNode:
             if holder is None or holder.token != mirror.token:
                 self._drop_mirrors([device_id], mirror.token)
 
+    def _notify_claimed(self, device_ids: tuple[str, ...], token: int) -> None:
+        """Tell the devices' nodes of a new claim, so their own callers are refused at once."""
+        self._notify("claimed", device_ids, token)
+
     def _notify_released(self, device_ids: tuple[str, ...], token: int) -> None:
         """Tell the devices' nodes that a claim ended, so their stand-in owners go now."""
+        self._notify("released", device_ids, token)
+
+    def _notify(self, op: str, device_ids: tuple[str, ...], token: int) -> None:
         by_node: dict[str, list[str]] = {}
         for device_id in device_ids:
             node = self._directory.get(device_id)
@@ -360,7 +386,7 @@ class LabNode:
                 from labd.lab.calls import dumps
 
                 self.coordinator.push_request(node, dumps({
-                    "op": "released", "devices": ids, "token": token,
+                    "op": op, "devices": ids, "token": token,
                     "deadline": time.time() + self.timings.claim_ttl, "from": self.name}))
             except EngineUnavailableError:
                 pass  # the other node's sweep drops it within a heartbeat

@@ -1,0 +1,320 @@
+"""Nodes of one lab inside one process: two daemons, each a LabNode, on one coordinator.
+
+The same behaviour tests run on the in-process coordinator, on the Redis coordinator over
+fakeredis and over a real redis-server: the directory, calls to another node's device (with
+its errors), claims across nodes (all or none, refusals naming the node, queued claims),
+fencing of a lost claim, leases, and an engine that is unreachable.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import labd
+from labd.errors import (
+    DeviceBusyError,
+    DeviceOperationError,
+    DeviceTimeoutError,
+    InvalidArgumentError,
+    UnknownDeviceError,
+)
+from labd.lab import (
+    ClaimLostError,
+    DeviceIdConflictError,
+    LabNode,
+    LabTimings,
+    LocalCoordinator,
+)
+from labd.lab.coordinator import Coordinator
+from labd.testing import FakeDevice
+from test_lab_support import RedisServer, free_port, needs_redis_server, wait_until
+
+FAST = LabTimings(directory_ttl=1.0, heartbeat=0.2, claim_ttl=1.0, claim_renew=0.2,
+                  waiter_ttl=1.0, claim_poll=0.02)
+
+
+class Drive:
+    """A task that sets ``target`` to 1, 2, 3, ... waiting for ``step`` before each next value."""
+
+    steps: dict[str, threading.Event] = {}
+    errors: dict[str, BaseException] = {}
+
+    def __init__(self, task_id: str, device_ids: list[str], target: str) -> None:
+        self.task_id = task_id
+        self.device_ids = device_ids
+        self.target = target
+
+    def run(self, context: Any) -> dict[str, Any]:
+        device = context.daemon.get_device(self.target)
+        step = Drive.steps.setdefault(self.task_id, threading.Event())
+        for value in range(1, 100):
+            try:
+                device.set_value(value)
+            except Exception as exc:
+                Drive.errors[self.task_id] = exc
+                raise
+            while not step.wait(0.02):
+                if context.cancel_event.is_set():
+                    return {"status": "cancelled", "last": value}
+            step.clear()
+        return {"status": "completed"}
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["local", "fakeredis", pytest.param("redis-server", marks=needs_redis_server)])
+def connect(request: pytest.FixtureRequest) -> Iterator[Callable[[], Coordinator]]:
+    """A factory of coordinators that all reach the same engine (one per node)."""
+    if request.param == "local":
+        shared = LocalCoordinator()
+        yield lambda: shared
+        shared.close()
+        return
+    from labd.lab.redis_engine import RedisCoordinator
+
+    if request.param == "fakeredis":
+        import fakeredis
+
+        server = fakeredis.FakeServer()
+        yield lambda: RedisCoordinator("redis://fake:6379/0",
+                                       client=fakeredis.FakeRedis(server=server))
+        return
+    real: RedisServer = request.getfixturevalue("redis_server")
+    RedisCoordinator(real.url)._client.flushall()
+    yield lambda: RedisCoordinator(real.url)
+
+
+class Lab:
+    """Daemons joined as nodes; every one is shut down and leaves the lab at the end."""
+
+    def __init__(self, connect: Callable[[], Coordinator]) -> None:
+        self.connect = connect
+        self.nodes: list[LabNode] = []
+
+    def node(self, name: str, *device_ids: str, start: bool = True, **kw: Any) -> LabNode:
+        daemon = labd.LabDaemon()
+        daemon.register_plugins(devices={"Fake": FakeDevice}, tasks={"Drive": Drive})
+        for device_id in device_ids:
+            daemon.add_device(device_id, "Fake")
+        coordinator = self.connect()
+        node = LabNode(daemon, coordinator, name, timings=FAST, workers=2,
+                       own_coordinator=not isinstance(coordinator, LocalCoordinator), **kw)
+        self.nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    def close(self) -> None:
+        for node in reversed(self.nodes):
+            node.daemon.shutdown(timeout=2)
+            node.close()
+
+
+@pytest.fixture
+def lab(connect: Callable[[], Coordinator]) -> Iterator[Lab]:
+    Drive.steps.clear()
+    Drive.errors.clear()
+    instance = Lab(connect)
+    yield instance
+    instance.close()
+
+
+def _see(node: LabNode, device_id: str) -> None:
+    wait_until(lambda: node.knows(device_id), 5, f"node {node.name!r} to see {device_id!r}")
+
+
+# -- directory ------------------------------------------------------------------------------------
+def test_every_node_lists_the_other_nodes_devices(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    b = lab.node("b", "camera", "daq")
+    a.refresh()
+    assert set(a.nodes()) == {"a", "b"}
+    assert {(d["device_id"], d["node"]) for d in a.remote_devices()} == {("camera", "b"), ("daq", "b")}
+    assert a.node_of("camera") == "b" and b.knows("laser") and not a.knows("nothing")
+    assert a.health()["connected"] is True
+
+
+def test_a_device_id_served_by_another_live_node_is_refused_naming_it(lab: Lab) -> None:
+    lab.node("a", "laser")
+    late = lab.node("b", "laser", start=False)
+    with pytest.raises(DeviceIdConflictError, match="'laser' is already served by live node 'a'"):
+        late.start()
+
+
+def test_a_closed_node_leaves_the_directory(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    b = lab.node("b", "camera")
+    _see(a, "camera")
+    b.daemon.shutdown()
+    b.close()
+    assert "b" not in a.nodes()
+
+
+# -- calls ----------------------------------------------------------------------------------------
+def test_calls_reach_a_device_on_another_node(lab: Lab) -> None:
+    lab.node("a", "laser")
+    b = lab.node("b")
+    _see(b, "laser")
+    b.daemon.call_device("laser", "set_value", [1550.5])
+    assert b.daemon.call_device("laser", "get_value") == 1550.5
+    proxy = b.daemon.get_device("laser")
+    assert proxy.echo(1, x=[2, 3]) == {"args": [1], "kwargs": {"x": [2, 3]}}
+
+
+def test_remote_errors_keep_their_type(lab: Lab) -> None:
+    lab.node("a", "laser")
+    b = lab.node("b")
+    _see(b, "laser")
+    with pytest.raises(DeviceOperationError, match="RuntimeError: boom") as fault:
+        b.daemon.call_device("laser", "fail", ["boom"])
+    assert fault.value.labd_context["cause_type"] == "RuntimeError"  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgumentError):
+        b.daemon.call_device("laser", "_private")
+    with pytest.raises(UnknownDeviceError, match="No device found with ID: 'ghost'"):
+        b.daemon.call_device("ghost", "get_value")
+
+
+def test_a_node_that_does_not_answer_gives_device_timeout_naming_it(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    b = lab.node("b", call_timeout=0.3)
+    _see(b, "laser")
+    a._workers.close()  # node a is alive in the directory but answers nothing
+    with pytest.raises(DeviceTimeoutError, match="on node 'a'.*no answer within 0.3 s"):
+        b.daemon.call_device("laser", "get_value")
+
+
+# -- claims across nodes --------------------------------------------------------------------------------
+def test_a_run_claims_devices_on_two_nodes_and_others_are_refused(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    b = lab.node("b", "camera")
+    c = lab.node("c")
+    _see(a, "camera")
+    _see(c, "camera")
+    handle = a.daemon.execute_task("sweep", "Drive", device_ids=["laser", "camera"], target="camera")
+    wait_until(lambda: b.daemon.device_slot("camera").instance.value == 1, 5, "the first command")
+    # the engine holds both: a run on node c gets neither, told who owns them and where
+    with pytest.raises(DeviceBusyError, match="task 'sweep' on node 'a'") as busy:
+        c.daemon.execute_task("scan", "Drive", device_ids=["laser", "camera"], target="laser")
+    assert {entry["device_id"] for entry in busy.value.busy} == {"laser", "camera"}
+    # commands from elsewhere are refused on the device's own node, queries pass
+    with pytest.raises(DeviceBusyError, match="task 'sweep' on node 'a'"):
+        c.daemon.call_device("camera", "set_value", [99])
+    with pytest.raises(DeviceBusyError, match="task 'sweep' on node 'a'"):
+        b.daemon.call_device("camera", "set_value", [99], actor=labd.ownership.Actor(remote=True))
+    assert c.daemon.call_device("camera", "get_value") == 1
+    Drive.steps["sweep"].set()
+    wait_until(lambda: b.daemon.device_slot("camera").instance.value == 2, 5, "the second command")
+    handle.cancel()
+    _wait_done(handle)
+    # released everywhere: node c may claim them now
+    wait_until(lambda: _claimable(c), 5, "the devices to be free for node c")
+
+
+def _wait_done(handle: Any) -> None:
+    wait_until(lambda: not handle.is_running(), 5, f"run {handle.task_id!r} to end")
+
+
+def _claimable(node: LabNode) -> bool:
+    try:
+        lease = node.daemon.claim(["laser", "camera"], owner="carol")
+    except DeviceBusyError:
+        return False
+    lease.release()
+    return True
+
+
+def test_a_queued_run_starts_when_the_other_nodes_run_ends(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    c = lab.node("c")
+    _see(c, "laser")
+    first = a.daemon.execute_task("first", "Drive", device_ids=["laser"], target="laser")
+    wait_until(lambda: a.daemon.device_slot("laser").instance.value == 1, 5, "the first run")
+    second = c.daemon.execute_task("second", "Drive", device_ids=["laser"], target="laser",
+                                   wait_for_devices=True)
+    assert second.status == "pending"
+    first.cancel()
+    _wait_done(first)
+    wait_until(lambda: second.status == "running", 5, "the queued run to start")
+    second.cancel()
+    _wait_done(second)
+
+
+def test_a_lease_on_another_nodes_device(lab: Lab) -> None:
+    lab.node("a", "laser")
+    c = lab.node("c")
+    _see(c, "laser")
+    with c.daemon.claim(["laser"], owner="alice", ttl=30):
+        c.daemon.call_device("laser", "set_value", [7])  # acting as alice inside the block
+        with pytest.raises(DeviceBusyError, match="lease 'lease-1' of 'alice' on node 'c'"):
+            c.daemon.call_device("laser", "set_value", [8], actor=labd.ownership.Actor(remote=True, principal="bob"))
+    assert c.daemon.call_device("laser", "get_value") == 7
+
+
+# -- fencing ----------------------------------------------------------------------------------------
+def test_a_run_that_cannot_renew_stops_sending_and_is_cancelled(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    b = lab.node("b", "camera")
+    c = lab.node("c")
+    _see(a, "camera")
+    _see(c, "camera")
+    handle = a.daemon.execute_task("sweep", "Drive", device_ids=["camera"], target="camera")
+    wait_until(lambda: b.daemon.device_slot("camera").instance.value == 1, 5, "the first command")
+    a.claims.close()  # node a's renewer stops, as if the node froze
+    wait_until(lambda: c.coordinator.holder("camera") is None, 5, "a's claim to expire in the engine")
+    lease = c.daemon.claim(["camera"], owner="carol")
+    Drive.steps["sweep"].set()  # node a wakes: its next command must not reach the camera
+    wait_until(lambda: "sweep" in Drive.errors, 5, "the run's next command to be refused")
+    assert isinstance(Drive.errors["sweep"], ClaimLostError)
+    assert "claim lost" in str(Drive.errors["sweep"])
+    _wait_done(handle)
+    assert handle.status in ("failed", "cancelled")
+    assert b.daemon.device_slot("camera").instance.value == 1, "a fenced command moved the device"
+    lease.release()
+
+
+def test_the_devices_node_refuses_a_stale_token(lab: Lab) -> None:
+    from labd.lab.calls import call_request, send_call
+
+    lab.node("a", "laser")
+    c = lab.node("c")
+    _see(c, "laser")
+    lease = c.daemon.claim(["laser"], owner="carol")
+    token = c.claims.held()[0].token
+    for stale in (token - 1, token + 1):
+        with pytest.raises(ClaimLostError, match="claim lost"):
+            send_call(c.coordinator, "a", "c", call_request(
+                "laser", "set_value", [5], {}, stale, None, "task 'old'"), 5)
+    send_call(c.coordinator, "a", "c", call_request(
+        "laser", "set_value", [6], {}, token, None, "lease"), 5)
+    lease.release()
+    with pytest.raises(ClaimLostError, match="no live claim"):
+        send_call(c.coordinator, "a", "c", call_request(
+            "laser", "set_value", [5], {}, token, None, "lease"), 5)
+
+
+# -- an engine that is unreachable -------------------------------------------------------------------------
+def test_a_node_without_its_engine_serves_its_own_devices_and_says_degraded() -> None:
+    from labd.lab.redis_engine import RedisCoordinator
+
+    daemon = labd.LabDaemon()
+    daemon.register_plugins(devices={"Fake": FakeDevice})
+    daemon.add_device("laser", "Fake")
+    node = LabNode(daemon, RedisCoordinator(f"redis://127.0.0.1:{free_port()}/0",
+                                            socket_timeout=0.3), "a", timings=FAST, workers=1)
+    try:
+        node.start()
+        assert node.health()["connected"] is False
+        assert "did not answer" in (node.health()["engine_error"] or "")
+        daemon.call_device("laser", "set_value", [3])
+        assert daemon.call_device("laser", "get_value") == 3
+    finally:
+        daemon.shutdown()
+        node.close()
