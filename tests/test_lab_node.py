@@ -187,7 +187,7 @@ def test_a_node_that_does_not_answer_gives_device_timeout_naming_it(lab: Lab) ->
     b = lab.node("b", call_timeout=0.3)
     _see(b, "laser")
     a._workers.close()  # node a is alive in the directory but answers nothing
-    with pytest.raises(DeviceTimeoutError, match="on node 'a'.*no answer within 0.3 s"):
+    with pytest.raises(DeviceTimeoutError, match=r"on node 'a'.*no answer within 0\.3 s"):
         b.daemon.call_device("laser", "get_value")
 
 
