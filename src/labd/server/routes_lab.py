@@ -1,0 +1,108 @@
+"""A lab of several nodes over HTTP: ``/lab/nodes``, ``/lab/devices``, and other nodes' devices.
+
+On a node of a lab (``labd serve --engine ... --node NAME``) ``GET /devices`` also lists the
+devices of every other live node, each with its ``node``; ``POST /devices/{id}/call`` on a
+device another node serves goes through the engine (:mod:`labd.lab`), with the same role
+rules as a local call; ``/health`` carries the lab's part (``degraded`` naming the engine
+while it is unreachable). Without an engine none of this runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import Response
+
+from labd.errors import InvalidArgumentError, UnknownDeviceError
+from labd.lab import LabNode
+from labd.ownership import Actor
+from labd.server.auth import Token
+from labd.server.context import ServerContext
+from labd.server.encoding import dumps, dumps_lenient
+from labd.server.errors import Forbidden
+from labd.server.models import Ctx, TimeoutQuery
+from labd.server.routing import RouteSpec, json_bytes_response, json_response
+
+__all__ = ["ROUTES", "call_on_other_node", "lab_health", "merge_devices"]
+
+#: Method names that are queries by labd's naming rule (the remote node decides for sure).
+_QUERY_PREFIXES = ("get_", "is_", "has_", "list_")
+_STREAM_CONTROL = frozenset({"start_streaming", "stop_streaming"})
+#: Margin left of the request timeout for the reply to travel back.
+_REPLY_MARGIN_S = 0.05
+
+
+def lab_of(ctx: ServerContext) -> LabNode | None:
+    """The lab node of the server's daemon, or None without an engine."""
+    node = ctx.daemon.lab
+    return node if isinstance(node, LabNode) else None
+
+
+def merge_devices(ctx: ServerContext, devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``devices`` (this node's) with ``node``, then every other live node's devices."""
+    node = lab_of(ctx)
+    if node is None:
+        return devices
+    here = [{**device, "node": node.name} for device in devices]
+    return here + node.remote_devices()
+
+
+def lab_health(ctx: ServerContext) -> dict[str, Any] | None:
+    """The ``lab`` part of ``/health`` (None without an engine)."""
+    node = lab_of(ctx)
+    return node.health() if node is not None else None
+
+
+async def call_on_other_node(
+    ctx: ServerContext, device_id: str, method: str, args: list[Any], kwargs: dict[str, Any],
+    actor: Actor, token: Token | None, timeout: float | None,
+) -> bytes:
+    """``POST /devices/{id}/call`` for a device another node serves: the call's JSON answer.
+
+    Raises :class:`UnknownDeviceError` (404) if no live node serves ``device_id``.
+    """
+    node = lab_of(ctx)
+    if node is None or not node.knows(device_id):
+        raise UnknownDeviceError(
+            f"No device found with ID: '{device_id}' on this node or any live node of the lab.")
+    if method in _STREAM_CONTROL:
+        raise InvalidArgumentError(
+            f"{device_id}.{method}() cannot be called through POST /devices/{{id}}/call: the "
+            "server runs the device's stream.")
+    if token is not None and not token.allows("operator") and not method.startswith(_QUERY_PREFIXES):
+        raise Forbidden(
+            f"{device_id}.{method}() on node {node.node_of(device_id)!r} may be a command and "
+            f"needs the 'operator' role; the token of user {token.user!r} has {token.role!r}.")
+    seconds = max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
+    what = f"{device_id}.{method}() on node {node.node_of(device_id)!r}"
+
+    def job() -> bytes:
+        result = node.call(device_id, method, args, kwargs, actor, timeout=seconds)
+        return b'{"result":' + dumps(result, f"the result of {what}") + b',"success":true}'
+
+    return await ctx.run(job, what=what, timeout=timeout)
+
+
+async def lab_nodes(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
+    """Every live node of the lab: name, version, last heartbeat, URL and its devices."""
+    node = lab_of(ctx)
+    if node is None:
+        return json_response({"lab": None, "nodes": []})
+    nodes = await ctx.run(node.nodes, what="reading the lab's directory", timeout=timeout)
+    return json_bytes_response(dumps_lenient({
+        "lab": node.health(),
+        "nodes": [{**info, "node": name} for name, info in sorted(nodes.items())]}))
+
+
+async def lab_devices(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
+    """Every device of every live node, with its ``node`` (this node's in full)."""
+    body = await ctx.run(
+        lambda: dumps_lenient({"devices": merge_devices(ctx, ctx.daemon.list_devices())}),
+        what="listing the lab's devices", timeout=timeout)
+    return json_bytes_response(body)
+
+
+ROUTES = [
+    RouteSpec("GET", "/lab/nodes", lab_nodes),
+    RouteSpec("GET", "/lab/devices", lab_devices),
+]
