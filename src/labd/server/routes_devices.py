@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from labd.devices import DeviceSlot
-from labd.errors import InvalidArgumentError, LabDaemonException, utc_now_iso
+from labd.errors import InvalidArgumentError, LabDaemonException, UnknownNameError, utc_now_iso
 from labd.ownership import acting_as
 from labd.server.auth import Token, current_token
 from labd.server.context import ServerContext, guard_device_code
@@ -36,6 +36,7 @@ from labd.server.models import (
     ShowTracebacks,
     TimeoutQuery,
 )
+from labd.server.routes_lab import call_on_other_node, merge_devices
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 from labd.signatures import device_constructor_signature, signature_of
 
@@ -53,9 +54,13 @@ def _info_bytes(ctx: ServerContext, device_id: str) -> bytes:
 
 
 async def list_devices(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
-    """List every device: state, owner, errors and stream statistics."""
-    body = await ctx.run(lambda: dumps_lenient({"devices": ctx.daemon.list_devices()}),
-                         what="listing devices", timeout=timeout)
+    """List every device: state, owner, errors and stream statistics.
+
+    On a node of a lab, every live node's devices too, each with its ``node``.
+    """
+    body = await ctx.run(
+        lambda: dumps_lenient({"devices": merge_devices(ctx, ctx.daemon.list_devices())}),
+        what="listing devices", timeout=timeout)
     return json_bytes_response(body)
 
 
@@ -207,7 +212,15 @@ async def call_device(request: Request) -> Response:
     try:
         # On the loop, before any work is offloaded: an unknown id is 404 (not 504), and
         # arguments that do not fit the annotations are 422 before the device lock is taken.
-        slot = ctx.daemon.device_slot(device_id)
+        try:
+            slot = ctx.daemon.device_slot(device_id)
+        except UnknownNameError:
+            if ctx.daemon.lab is None:
+                raise
+            # A lab node: another node may serve the device (routes_lab; 404 if none does).
+            return json_bytes_response(await call_on_other_node(
+                ctx, device_id, method, body.args, body.kwargs, actor, current_token(request),
+                timeout))
         labels = (device_id, method if method in slot.originals else "(unknown)")
         _check_callable(slot, method, current_token(request))
         call = _prepared_call(ctx, slot, method, body.args, body.kwargs, actor)
