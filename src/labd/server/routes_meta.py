@@ -19,6 +19,7 @@ from labd.errors import UnknownNameError, utc_now_iso
 from labd.server.auth import current_token
 from labd.server.context import ServerContext
 from labd.server.models import Ctx
+from labd.server.routes_lab import lab_health
 from labd.server.routing import RouteSpec, json_response
 
 __all__ = ["ROUTES"]
@@ -82,7 +83,9 @@ def _device_problems(ctx: ServerContext) -> dict[str, str]:
 def _status(ctx: ServerContext, store_degraded: bool, device_problems: dict[str, str]) -> str:
     if ctx.daemon.closed:
         return "daemon_closed"
-    return "degraded" if store_degraded or device_problems else "healthy"
+    lab = lab_health(ctx)
+    engine_lost = lab is not None and not lab["connected"]  # a lab node without its engine
+    return "degraded" if store_degraded or device_problems or engine_lost else "healthy"
 
 
 async def health(ctx: Ctx, request: Request) -> Response:
@@ -114,6 +117,9 @@ async def health(ctx: Ctx, request: Request) -> Response:
         "tasks_running": running,
         "store": store,
     }
+    lab = lab_health(ctx)
+    if lab is not None:  # a node of a lab: its engine, whether it answers, the live nodes
+        body["lab"] = lab
     return json_response(body, status_code=http_status)
 
 
