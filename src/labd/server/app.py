@@ -25,6 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 import labd
 from labd.server import (
     routes_devices,
+    routes_lab,
     routes_leases,
     routes_meta,
     routes_runs,
@@ -68,6 +69,7 @@ ROUTES = [
     *routes_types.ROUTES,
     *routes_leases.ROUTES,
     *routes_runs.ROUTES,
+    *routes_lab.ROUTES,
     *sse.ROUTES,
 ]
 
