@@ -32,6 +32,10 @@ A ``connect()`` that does not return within ``connect_timeout`` seconds (``inf``
 leaves its device ``faulted`` with the reason, and the rest of the lab is served: one hung
 instrument never keeps ``labd serve`` from starting.
 
+A ``[lab]`` table joins the lab of several PCs (``engine = "redis://..."``, ``node = "pc1"``,
+timings; see docs/multi-host.md); ``labd serve`` reads it, its options and ``LABD_ENGINE``
+winning.
+
 The server settings (:data:`SERVER_KEYS`: the Host names to answer besides localhost and the
 machine's addresses, and the limits on leases, SSE clients and calls in flight) are read into
 :attr:`LabConfig.server_options`; ``labd serve`` passes them to the server, its own options
@@ -99,7 +103,7 @@ SERVER_KEYS: dict[str, str] = {
     "server_workers": "count",  # threads running other blocking work (task info, history)
 }
 #: Top-level keys a TOML config may use.
-TOP_LEVEL_KEYS = ("connect", "connect_timeout", "device_types", "devices", "tasks",
+TOP_LEVEL_KEYS = ("connect", "connect_timeout", "device_types", "devices", "lab", "tasks",
                   *SERVER_KEYS)
 #: Seconds a device's connect() may take when neither the config nor the caller says.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -151,6 +155,8 @@ class LabConfig:
     connect_timeout: float | None = None
     #: The file's server settings (:data:`SERVER_KEYS` it gives), as LabDaemonServer keywords.
     server_options: Mapping[str, Any] = field(default_factory=dict)
+    #: The file's ``[lab]`` table (engine, node, timings; checked by labd.lab.lab_settings).
+    lab: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- loading
@@ -206,7 +212,8 @@ def _load_toml(file: Path) -> LabConfig:
     for name, cls in more_types.items():
         _add_type(file, device_types, name, cls)
     return LabConfig(path=file, device_types=device_types, task_types=tasks, devices=devices,
-                     connect_timeout=connect_timeout, server_options=_server_options(file, data))
+                     connect_timeout=connect_timeout, server_options=_server_options(file, data),
+                     lab=_table(file, "lab", data.get("lab", {})))
 
 
 def _server_options(file: Path, data: Mapping[str, Any]) -> dict[str, Any]:
