@@ -84,10 +84,10 @@
     });
     ws.addEventListener("change", function () { self.windowValue = Number(ws.value); self.trim(); self.schedule(); });
     var pause = document.createElement("button"); pause.type = "button"; pause.className = "small";
-    pause.textContent = "Pause"; pause.setAttribute("aria-pressed", "false");
+    pause.textContent = "Pause plot"; pause.setAttribute("aria-pressed", "false");
     pause.addEventListener("click", function () {
       self.paused = !self.paused;
-      pause.textContent = self.paused ? "Resume plot" : "Pause";
+      pause.textContent = self.paused ? "Resume plot" : "Pause plot";
       pause.setAttribute("aria-pressed", String(self.paused));
       if (!self.paused) self.schedule();
     });
@@ -144,7 +144,7 @@
       for (var j = 0; j < n; j++) col.push(src ? src[j] : null);
     });
     this.lastX = part.x[n - 1];
-    this.points += n * Math.max(names.length, 1);
+    this.points += n;
     this.el.dataset.points = String(this.points);
     this.stats.events += 1;
     if (bench()) this.pendingTimes.push(now);
@@ -168,9 +168,7 @@
   // -- rows mode: a run's emitted values, x = a numeric field or the point number -------------
   Plot.prototype.addRow = function (value, event) {
     this.rows.push(value);
-    var part = pointsOf(value, this.rows.length, { lastX: null });
-    var count = Object.keys(part.series).length || 1;
-    this.points += count * Math.max(part.x.length, 1);
+    this.points += Array.isArray(value) ? value.length : 1;
     this.el.dataset.points = String(this.points);
     this.stats.events += 1;
     if (bench()) this.pendingTimes.push(eventTime(event));
@@ -211,7 +209,7 @@
     var wanted = [""].concat(fields);
     var have = Array.prototype.map.call(this.xSelect.options, function (o) { return o.value; });
     if (have.join("\u0000") === wanted.join("\u0000")) return;
-    if (this.xField === null && fields.length >= 2) this.xField = fields[0];
+    if (this.xField === null && fields.length >= 2) this.xField = monotonicField(this.rows, fields);
     var self = this;
     this.xSelect.innerHTML = "";
     wanted.forEach(function (f) {
@@ -220,6 +218,22 @@
       self.xSelect.appendChild(o);
     });
   };
+
+  // The x axis a run's rows suggest: the first field that only grows (or only shrinks),
+  // like a sweep's wavelength; null (the point number) if there is none.
+  function monotonicField(rows, fields) {
+    for (var f = 0; f < fields.length; f++) {
+      var name = fields[f], up = true, down = true, last = null;
+      for (var i = 0; i < rows.length && (up || down); i++) {
+        var v = rows[i] && rows[i][name];
+        if (typeof v !== "number") { up = down = false; break; }
+        if (last !== null) { if (v <= last) up = false; if (v >= last) down = false; }
+        last = v;
+      }
+      if ((up || down) && rows.length > 1) return name;
+    }
+    return null;
+  }
 
   // -- drawing ----------------------------------------------------------------------------------
   Plot.prototype.schedule = function () {
