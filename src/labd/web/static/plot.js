@@ -95,7 +95,9 @@
     if (this.mode === "rows") {
       var xl = document.createElement("label"); xl.htmlFor = id + "-x"; xl.textContent = "X axis";
       this.xSelect = document.createElement("select"); this.xSelect.id = id + "-x";
-      this.xSelect.addEventListener("change", function () { self.xField = self.xSelect.value || null; self.rebuildRows(); });
+      this.xSelect.addEventListener("change", function () {
+        self.xChosen = true; self.xField = self.xSelect.value || null; self.rebuildRows();
+      });
       bar.append(xl, this.xSelect);
     }
     this.fieldBox = document.createElement("span"); this.fieldBox.className = "plot-fields";
@@ -207,9 +209,10 @@
   Plot.prototype.syncXOptions = function (fields) {
     if (!this.xSelect) return;
     var wanted = [""].concat(fields);
+    var suggested = this.xChosen ? this.xField : (fields.length >= 2 ? monotonicField(this.rows, fields) : null);
     var have = Array.prototype.map.call(this.xSelect.options, function (o) { return o.value; });
-    if (have.join("\u0000") === wanted.join("\u0000")) return;
-    if (this.xField === null && fields.length >= 2) this.xField = monotonicField(this.rows, fields);
+    if (have.join("\u0000") === wanted.join("\u0000") && suggested === this.xField) return;
+    this.xField = suggested;
     var self = this;
     this.xSelect.innerHTML = "";
     wanted.forEach(function (f) {
