@@ -15,6 +15,7 @@ import typer
 from rich.text import Text
 
 from labd.cli.errors import EXIT_USAGE, CliError, reports_errors
+from labd.cli.lab import join_lab, settings_for_serve
 from labd.cli.output import console, print_note
 from labd.cli.serving import (
     busy_port_error,
@@ -131,6 +132,26 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            envvar="LABD_ENGINE",
+            help="Join a lab of several PCs through this Redis/Valkey engine, e.g. "
+            "redis://labd-NODE:PASSWORD@lab-engine:6379/0 (rediss:// for TLS; off this PC a "
+            "password is required). Default: the config's [lab] engine; none: one PC.",
+            show_default=False,
+        ),
+    ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            help="This node's name in the lab (default: the config's [lab] node, else the "
+            "host name).",
+            show_default=False,
+        ),
+    ] = None,
     tokens_file: Annotated[
         Path | None,
         typer.Option(
@@ -155,6 +176,7 @@ def serve(
     options = _server_options(
         host, lab_config, allow_host=allow_host, lease_max_ttl=max_lease_ttl,
         stream_max_clients=stream_max_clients, device_max_in_flight=device_max_in_flight)
+    lab = settings_for_serve(engine, node, lab_config.lab if lab_config is not None else None)
     if lab_config is None and not demo:
         print_note(
             "no CONFIG and no --demo: serving an empty lab (add devices with "
@@ -172,6 +194,7 @@ def serve(
             store.close()
         raise
     server = None
+    lab_node = None
     try:
         if demo:
             from labd.sim import demo_lab
@@ -180,13 +203,21 @@ def serve(
         if lab_config is not None:
             _announce_connects(lab_config, connect_timeout)
             apply_config(daemon, lab_config, connect_timeout=connect_timeout)
+        if lab is not None:  # registered before the server listens: a clashing id stops here
+            lab_node = join_lab(daemon, lab)
         server = serve_in_background(daemon, host, port, tokens=tokens, options=options)
+        if lab_node is not None:
+            lab_node.url = str(server.url)
+            console.print(f"  lab:       node {lab_node.name!r} on {lab_node.coordinator.description}",
+                          soft_wrap=True)
         _print_banner(daemon, str(server.url), host, store, tokens,
                       allowed_hosts=options.get("allowed_hosts", ()))
         wait_for_interrupt()
         console.print("stopping...")
     finally:
         clean = stop_all(server, daemon, console)
+        if lab_node is not None:  # after the daemon: its runs gave their claims back
+            lab_node.close()
         if store is not None:
             store.close()
     console.print("labd stopped" + ("" if clean else " (with the problems above)"))
