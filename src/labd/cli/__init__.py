@@ -11,6 +11,7 @@ Commands::
     labd run TASK [k=v ...] --follow  start a task run, with a live progress bar
     labd cancel ID | watch DEVICE     stop a run | live values of a device
     labd runs [show|export|prune]     the run history: list, one run, to HDF5/JSON, delete old
+    labd lab nodes | devices | up     a lab of several PCs (labd serve --engine redis://...)
     labd version
 
 Remote commands talk to ``--url`` (or ``$LABD_URL``, default http://127.0.0.1:5000).
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 import typer
 
 from labd.cli import demo as _demo
+from labd.cli import lab as _lab
 from labd.cli import registry as _registry
 from labd.cli import remote as _remote
 from labd.cli import runs as _runs
@@ -54,6 +56,7 @@ app.command("tasks")(_remote.tasks)
 app.command("cancel")(_remote.cancel)
 app.command("watch")(_watch.watch)
 app.add_typer(_runs.runs_app, name="runs")
+app.add_typer(_lab.lab_app, name="lab")
 
 
 @app.command("version")
