@@ -32,6 +32,7 @@ from labd.errors import (
     TaskError,
     UnknownNameError,
 )
+from labd.lab.errors import EngineUnavailableError
 from labd.server.encoding import UnserializableResult
 from labd.signatures import ParameterValidationError
 
@@ -107,6 +108,7 @@ STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     DeviceError: (502, "device"),
     DaemonClosedError: (503, "framework"),
     DeviceOverloaded: (503, "framework"),
+    EngineUnavailableError: (503, "framework"),  # a lab node cannot reach its engine
     ServerStopping: (503, "framework"),
     Unauthorized: (401, "framework"),
     Forbidden: (403, "framework"),
