@@ -28,6 +28,7 @@ from labd.errors import (
     DeviceOperationError,
     DeviceTimeoutError,
     LabDaemonException,
+    UnknownDeviceError,
 )
 from labd.lab import errors as lab_errors
 from labd.lab.coordinator import Coordinator
@@ -95,13 +96,26 @@ def decode_error(error: Mapping[str, Any]) -> LabDaemonException:
 
 def send_call(
     coordinator: Coordinator, node: str, caller: str, request: dict[str, Any], timeout: float,
+    liveness_check: float = 1.0,
 ) -> Any:
     """Send ``request`` to ``node`` and wait up to ``timeout`` s for its reply's result."""
     reply_key = f"{caller}:{uuid.uuid4().hex}"
     deadline = time.time() + timeout
     coordinator.push_request(node, dumps({**request, "reply": reply_key, "deadline": deadline,
                                           "from": caller}))
-    payload = coordinator.pop_reply(reply_key, timeout)
+    payload = None
+    remaining = timeout
+    while payload is None and remaining > 0:
+        # Wait in slices; between them, make sure the node is still in the directory, so a
+        # call to a node that died answers as soon as its entry expires instead of hanging.
+        wait = min(remaining, liveness_check)
+        payload = coordinator.pop_reply(reply_key, wait)
+        remaining = deadline - time.time()
+        if payload is None and remaining > 0 and coordinator.node_of(str(request.get("device"))) != node:
+            raise UnknownDeviceError(
+                f"Device {request.get('device')!r}: node {node!r} left the lab (its directory "
+                "entry expired: it stopped, crashed or lost the engine) while the call waited; "
+                "the call may or may not have run. Check the node (labd lab nodes).")
     if payload is None:
         what = f"{request.get('device')}.{request.get('method')}()" if request.get("method") else request.get("op")
         raise DeviceTimeoutError(

@@ -275,7 +275,8 @@ class LabNode:
         principal = actor.principal or (run.principal if run is not None else None)
         request = call_request(device_id, method, args, kwargs, token, principal, owner)
         return send_call(self.coordinator, node, self.name, request,
-                         self.call_timeout if timeout is None else timeout)
+                         self.call_timeout if timeout is None else timeout,
+                         liveness_check=self.timings.heartbeat)
 
     # -- requests from other nodes -------------------------------------------------------------
     def _handle(self, request: dict[str, Any]) -> Any:

@@ -31,6 +31,8 @@ Arg = bytes | str | int | float
 _US = "\x1f"
 #: Longest single blocking pop; longer waits loop, so a silent engine is noticed.
 _BLOCK_SLICE_S = 1.0
+#: A request list expires this long after its last request (its node never came back).
+_REQUEST_LIST_TTL_MS = 120_000
 _ENGINE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                   OSError)
 
@@ -196,7 +198,15 @@ class RedisCoordinator:
     # -- request / reply -------------------------------------------------------------------
     def push_request(self, node: str, payload: bytes) -> None:
         """See :meth:`Coordinator.push_request`."""
-        self._call("send a request", lambda: self._client.rpush(f"{self.prefix}req:{node}", payload))
+        def push() -> None:
+            # The list lives a while after its last request, not forever: a node that died
+            # leaves nothing behind in the engine's memory.
+            key = f"{self.prefix}req:{node}"
+            pipe = self._client.pipeline(transaction=True)
+            pipe.rpush(key, payload)
+            pipe.pexpire(key, _REQUEST_LIST_TTL_MS)
+            pipe.execute()
+        self._call("send a request", push)
 
     def _blocking_pop(self, key: str, timeout: float, what: str) -> bytes | None:
         remaining = timeout
