@@ -191,7 +191,7 @@ class Supervisor:
         self.thread = threading.Thread(target=self._run, name=f"labd-lab-up-{spec.node}")
 
     def command(self) -> list[str]:
-        command = [sys.executable, "-m", "labd", "serve"]
+        command = [sys.executable, "-m", "labd.cli", "serve"]
         if self.spec.config is not None:
             command.append(str(self.spec.config))
         command += ["--port", str(self.spec.port), "--node", self.spec.node]

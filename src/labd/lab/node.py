@@ -369,7 +369,14 @@ class LabNode:
                 self._drop_mirrors([device_id], mirror.token)
 
     def _notify_claimed(self, device_ids: tuple[str, ...], token: int) -> None:
-        """Tell the devices' nodes of a new claim, so their own callers are refused at once."""
+        """Tell the devices' nodes of a new claim, so their own callers are refused at once.
+
+        The engine just granted these devices to an owner of this node: a stand-in here for
+        another node's claim on one of them is stale (that claim expired), so it goes now.
+        """
+        here = [d for d in device_ids if d in self._mirrors]
+        if here:
+            self._drop_mirrors(here, 0)
         self._notify("claimed", device_ids, token)
 
     def _notify_released(self, device_ids: tuple[str, ...], token: int) -> None:
