@@ -293,6 +293,24 @@ def test_leaving_the_page_releases_its_lease(ui: GuardedPage) -> None:
     expect(ui.page.locator('[data-device="pm1"] td[data-label="Owner"]')).to_have_text("—")
 
 
+def test_an_admin_breaks_someone_elses_lease(ui: GuardedPage) -> None:
+    import httpx
+
+    # Without tokens the browser user may do everything (an admin's rights), as docs/security.md says.
+    lease = httpx.post(f"{ui.url}/leases", json={"device_ids": ["laser1"], "ttl": 60},
+                       headers={"X-Labd-Owner": "alice"}, timeout=10).json()
+    ui.goto("/ui/devices/laser1")
+    page = ui.page
+    expect(page.locator("#control-reason")).to_contain_text("owned by lease")
+    expect(page.get_by_role("button", name="set_wavelength", exact=True)).to_be_disabled()
+    expect(page.get_by_role("button", name="Take control")).to_be_disabled()
+    page.get_by_role("button", name="Break lease").click()
+    expect(page.get_by_role("button", name="set_wavelength", exact=True)).to_be_enabled()
+    expect(page.locator('[data-field="owner"]')).to_have_text("nobody")
+    ended = httpx.get(f"{ui.url}/leases", timeout=10).json()["leases"]
+    assert lease["lease_id"] not in [entry["lease_id"] for entry in ended if entry["status"] == "active"]
+
+
 def test_the_daq_plot_counts_the_points_it_receives(ui: GuardedPage) -> None:
     ui.goto("/ui/devices/daq1")
     page = ui.page
