@@ -41,6 +41,9 @@ class Owner:
     owner_id: str = ""
     principal: str | None = None
     parent: Owner | None = None
+    #: Set by a lab node (labd.lab) while this owner holds a claim in the lab's engine: raises
+    #: ClaimLostError once that claim is lost, so no command goes out under it. None: no lab.
+    fence: Callable[[], None] | None = None
 
     @property
     def label(self) -> str:
