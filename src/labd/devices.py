@@ -225,6 +225,8 @@ class DeviceSlot:
         owner = self.owner
         if owner is None:
             return
+        if owner.fence is not None:  # a lab node: the owner's engine claim must still be live
+            owner.fence()
         actor = current_actor()
         if actor.bypass or owner.permits(actor):
             return
