@@ -318,3 +318,17 @@ def test_a_node_without_its_engine_serves_its_own_devices_and_says_degraded() ->
     finally:
         daemon.shutdown()
         node.close()
+
+
+def test_a_run_whose_claim_is_lost_cannot_command_its_own_nodes_device(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    handle = a.daemon.execute_task("sweep", "Drive", device_ids=["laser"], target="laser")
+    laser = a.daemon.device_slot("laser").instance
+    wait_until(lambda: laser.value == 1, 5, "the first command")
+    a.claims.close()  # the renewer stops, as in a node frozen past the claim TTL
+    wait_until(lambda: a.coordinator.holder("laser") is None, 5, "the claim to expire in the engine")
+    Drive.steps["sweep"].set()
+    wait_until(lambda: "sweep" in Drive.errors, 5, "the run's next command to be refused")
+    assert isinstance(Drive.errors["sweep"], ClaimLostError)
+    assert laser.value == 1, "a command under a lost claim reached the device"
+    _wait_done(handle)

@@ -13,6 +13,7 @@ thread asks again for each every ``claim_poll`` seconds and keeps its reservatio
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -147,7 +148,19 @@ class EngineClaims:
             self._held[id(owner)] = HeldClaim(owner, spec, ids, token,
                                               sent_at + self._timings.claim_ttl)
             self._lost.pop(id(owner), None)
+        owner.fence = functools.partial(self._fence, owner)
         self._on_claimed(ids, token)
+
+    def _fence(self, owner: Owner) -> None:
+        """Before a command to a device ``owner`` holds here: refuse if its claim was lost."""
+        held = self._held.get(id(owner))
+        if held is not None and time.monotonic() < held.deadline:
+            return
+        if held is not None:
+            self._lose(held, "it was not renewed before its deadline")
+        lost = self._lost.get(id(owner))
+        if lost is not None:
+            raise self._lost_error(lost, ", ".join(lost.device_ids))
 
     def queue(self, pending: PendingClaim, timeout: float | None, granted: Callable[[], None]) -> None:
         """Wait in the engine's FIFO (see the module docstring)."""
@@ -172,6 +185,8 @@ class EngineClaims:
         with self._lock:
             held = self._held.pop(id(owner), None)
             self._lost.pop(id(owner), None)
+        if owner.fence is not None:
+            owner.fence = None
         if held is None:
             return
         try:
