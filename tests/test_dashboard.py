@@ -326,8 +326,12 @@ def test_the_daq_plot_counts_the_points_it_receives(ui: GuardedPage) -> None:
     page.get_by_role("button", name="Resume plot").click()
     page.get_by_label("Window").select_option("1")
     ui.screenshot("device-daq1.png")
+    expect(page.get_by_role("button", name="Following the stream")).to_be_disabled()
     page.get_by_role("button", name="Stop stream").click()
     expect(page.locator('[data-field="streaming"]')).to_have_text("no")
+    # The page stops following (an EventSource would reconnect, restarting the stream).
+    expect(page.get_by_role("button", name="Start stream")).to_be_enabled()
+    expect(page.locator('output[data-query="is_streaming"]')).to_have_text("false")
 
 
 # ---------------------------------------------------------------------- tasks and runs
@@ -427,9 +431,15 @@ def _assert_named_controls(page: Any, path: str) -> None:
 
 
 def test_phone_width_never_scrolls_sideways(browser: Any, lab: str) -> None:
+    import httpx
+
+    body = {"task_id": "phone-1", "task_type": "WavelengthSweep", "wait_for_devices": 10,
+            "params": {"laser_id": "laser1", "detector_id": "pm1", "start_wl": 1549,
+                       "stop_wl": 1551, "steps": 5}}
+    httpx.post(f"{lab}/tasks", json=body, timeout=10).raise_for_status()
     context, ui = guarded_page(browser, lab, viewport=PHONE)
     try:
-        for path, _ in [*PAGES, ("/ui/runs/ui-sweep-1", ""), ("/docs", "")]:
+        for path, _ in [*PAGES, ("/ui/runs/phone-1", ""), ("/docs", "")]:
             ui.goto(path)
             ui.page.wait_for_load_state("load")
             overflow = ui.page.evaluate(

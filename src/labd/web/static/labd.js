@@ -217,6 +217,8 @@
     "clear-error": function (out) { return api("DELETE", devicePath("/error")).then(function (a) { show(out, a, "Error cleared."); return reloadDevice(); }); },
     "refresh-all": function () { return refreshAll(); },
     "stream-stop": function (out) {
+      var plot = document.querySelector("[data-plot]");
+      if (plot && window.LabdPlot) window.LabdPlot.stop(plot);
       return api("POST", devicePath("/stream/stop")).then(function (a) { show(out, a, "Stream stopped."); return reloadDevice(); });
     },
     "stream-start": function () {
@@ -346,6 +348,18 @@
     });
     window.addEventListener("pagehide", function () { source.close(); });
   }
+
+  // The plot's stream: the start button says whether this page follows it.
+  document.addEventListener("labd:stream-open", function () {
+    var start = document.querySelector('[data-action="stream-start"]');
+    if (start) { start.textContent = "Following the stream"; start.disabled = true; }
+    if (deviceId) refreshAll();
+  });
+  document.addEventListener("labd:stream-closed", function () {
+    var start = document.querySelector('[data-action="stream-start"]');
+    if (start) { start.textContent = "Start stream"; start.disabled = main.dataset.canOperate !== "yes"; }
+    if (deviceId) { refreshAll(); reloadDevice(); }
+  });
 
   window.addEventListener("pagehide", releaseOnLeave);
 

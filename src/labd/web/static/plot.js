@@ -339,10 +339,19 @@
       });
     });
     source.addEventListener("stream_error", function (m) { self.status.textContent = "a stream item could not be encoded"; });
-    source.onerror = function () {
-      if (source.readyState === EventSource.CLOSED) { self.status.textContent = "stream ended"; self.source = null; }
-    };
+    source.onopen = function () { self.el.dispatchEvent(new CustomEvent("labd:stream-open", { bubbles: true })); };
+    // The server ends a stream when it stops (or the server does); an EventSource would
+    // reconnect by itself, and for a device that means starting its stream again: never.
+    source.onerror = function () { self.disconnect("stream ended"); };
     window.addEventListener("pagehide", function () { source.close(); });
+  };
+
+  Plot.prototype.disconnect = function (why) {
+    if (!this.source) return;
+    this.source.close();
+    this.source = null;
+    this.status.textContent = this.points + " points (" + why + ")";
+    this.el.dispatchEvent(new CustomEvent("labd:stream-closed", { bubbles: true }));
   };
 
   function setUp(el) {
@@ -359,6 +368,7 @@
 
   window.LabdPlot = {
     start: function (el) { setUp(el).connect(); },
+    stop: function (el) { if (el.labdPlot) el.labdPlot.disconnect("stopped"); },
     get: function (el) { return el.labdPlot; },
   };
 
