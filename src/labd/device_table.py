@@ -74,6 +74,9 @@ class RemoteDevices(Protocol):
     ) -> Any:
         """Call a method of a remote device by name, as ``actor``."""
 
+    def stream_hub(self, device_id: str) -> StreamHub:
+        """This node's hub of a remote device's stream (relayed through the lab's engine)."""
+
 
 def _owned_by(owner: Owner | None) -> str | None:
     """``owned_by`` as LabDaemon gives it: the task id, or the holder of a lease."""
@@ -450,6 +453,10 @@ class DeviceTable:
         subscription's delivery thread, never on the device's thread. A stream started by a
         subscription stops when its last subscriber closes.
         """
+        if self.remote is not None and isinstance(device, str) and device not in self._slots:
+            return self._remote_or_raise(device).stream_hub(device).subscribe(
+                callback, maxsize=self.stream_maxsize if maxsize is None else maxsize,
+                on_ready=on_ready)
         slot = self.slot(device)
         return self.streams.subscribe(
             slot, callback, self.stream_maxsize if maxsize is None else maxsize, on_ready,
@@ -474,6 +481,8 @@ class DeviceTable:
 
     def stream_hub(self, device: Any) -> StreamHub | None:
         """The device's current stream hub (None if not streaming)."""
+        if self.remote is not None and isinstance(device, str) and device not in self._slots:
+            return self._remote_or_raise(device).stream_hub(device)
         return self.streams.hub(self.slot(device))
 
     def get_device_error(self, device_id: str) -> ErrorRecord | None:
