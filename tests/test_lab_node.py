@@ -332,3 +332,35 @@ def test_a_run_whose_claim_is_lost_cannot_command_its_own_nodes_device(lab: Lab)
     assert isinstance(Drive.errors["sweep"], ClaimLostError)
     assert laser.value == 1, "a command under a lost claim reached the device"
     _wait_done(handle)
+
+
+# -- streams ------------------------------------------------------------------------------------------
+def test_a_device_stream_reaches_subscribers_on_another_node(lab: Lab) -> None:
+    from labd.testing import FakeStreamer
+
+    a = lab.node("a")
+    a.daemon.register_plugins(devices={"Streamer": FakeStreamer})
+    a.daemon.add_device("daq", "Streamer")
+    a.refresh()
+    b = lab.node("b")
+    _see(b, "daq")
+    first = b.daemon.subscribe("daq", maxsize=1000)
+    second = b.daemon.subscribe("daq", maxsize=1000)
+    try:
+        streamer = a.daemon.device_slot("daq").instance
+        wait_until(lambda: a.stream_stats()["relays"], 5, "the relay to start on node a")
+        for i in range(200):
+            streamer.push({"i": i, "samples": [i, i + 1]})
+        got: list[Any] = []
+        wait_until(lambda: got.extend(first.drain()) or len(got) >= 200, 10, "200 items on node b")
+        assert [item.payload["i"] for item in got] == list(range(200))
+        assert got[5].payload == {"i": 5, "samples": [5, 6]}
+        wait_until(lambda: len(second) >= 200, 10, "the second subscriber's items")
+        (reader,) = b.stream_stats()["readers"]
+        assert reader["gaps"] == 0 and reader["received"] == 200 and reader["subscribers"] == 2
+    finally:
+        first.close()
+        second.close()
+    # nobody reads it here any more: the reader stops and the device's node ends the relay
+    wait_until(lambda: not b.stream_stats()["readers"], 10, "node b's reader to stop")
+    wait_until(lambda: not a.stream_stats()["relays"], 10, "node a's relay to end")

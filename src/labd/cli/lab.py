@@ -71,7 +71,7 @@ def join_lab(daemon: Any, settings: LabSettings) -> LabNode:
     except EngineUrlError as exc:
         raise CliError(f"lab: {exc}", EXIT_USAGE) from None
     node = LabNode(daemon, coordinator, settings.node, timings=settings.timings,
-                   workers=settings.workers,
+                   workers=settings.workers, stream_maxlen=settings.stream_maxlen,
                    own_coordinator=not settings.engine.startswith("memory://"))
     try:
         node.start()

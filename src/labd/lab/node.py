@@ -30,7 +30,9 @@ from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
 from labd.lab.errors import DeviceIdConflictError, EngineUnavailableError
 from labd.lab.settings import LabTimings
-from labd.ownership import Actor, ClaimRegistry, Lease, Owner, current_actor
+from labd.lab.streams import StreamReader, StreamRelay
+from labd.ownership import Actor, ClaimRegistry, Lease, Owner, acting_as, current_actor
+from labd.streaming import StreamHub
 from labd.tasks import TaskRun
 
 __all__ = ["LabNode", "RemoteDevice"]
@@ -77,7 +79,7 @@ class LabNode:
     def __init__(
         self, daemon: Any, coordinator: Coordinator, node: str, *,
         timings: LabTimings | None = None, workers: int = 4, call_timeout: float = 30.0,
-        url: str | None = None, own_coordinator: bool = True,
+        url: str | None = None, own_coordinator: bool = True, stream_maxlen: int = 2000,
     ) -> None:
         self.daemon = daemon
         self.coordinator = coordinator
@@ -95,6 +97,10 @@ class LabNode:
         self._mirrors: dict[str, RemoteClaim] = {}
         self._seen: dict[str, int] = {}  # device id -> highest token seen
         self._mirror_lock = threading.Lock()
+        self._relays: dict[str, StreamRelay] = {}  # this node's devices, read elsewhere
+        self._readers: dict[str, StreamReader] = {}  # other nodes' devices, read here
+        self._stream_lock = threading.Lock()
+        self.stream_maxlen = stream_maxlen
         self._stop = threading.Event()
         self._kick = threading.Event()
         self.claims = EngineClaims(coordinator, node, self.timings, on_lost=self._claim_lost,
@@ -136,6 +142,13 @@ class LabNode:
             self._heartbeat.join(timeout)
         self._workers.close(timeout)
         self.claims.close(timeout)
+        with self._stream_lock:
+            readers, self._readers = list(self._readers.values()), {}
+            relays, self._relays = list(self._relays.values()), {}
+        for reader in readers:
+            reader.close()
+        for relay in relays:
+            relay.close()
         if getattr(self.daemon, "lab", None) is self:
             self.daemon.join_lab(None, None, None)
         try:
@@ -200,6 +213,7 @@ class LabNode:
             try:
                 self._register()
                 self._sweep_mirrors()
+                self._keep_streams()
                 backoff = 0.2
             except EngineUnavailableError as exc:
                 self._engine_down(exc)
@@ -292,6 +306,12 @@ class LabNode:
                     self._admit(str(device_id), int(request.get("token", 0)))
                 except (DeviceBusyError, UnknownDeviceError):
                     pass  # lost or taken meanwhile; the commands' own checks decide
+            return None
+        if op in ("stream_open", "stream_keep"):
+            return self._open_relay(str(request.get("device")), str(request.get("from")),
+                                    request.get("principal"))
+        if op == "stream_close":
+            self._close_relay(str(request.get("device")), str(request.get("from")))
             return None
         if op == "methods":
             return self.daemon.device_methods(str(request.get("device")))
@@ -411,10 +431,105 @@ class LabNode:
             except Exception:
                 log.exception("lab: could not end lease %r", owner.lease_id)
 
+    # -- streams -------------------------------------------------------------------------------
+    def stream_hub(self, device_id: str) -> StreamHub:
+        """This node's hub of another node's device stream: one reader per stream, shared."""
+        node = self._directory.get(device_id)
+        if node is None and self.knows(device_id):
+            node = self._directory.get(device_id)
+        if node is None:
+            raise UnknownDeviceError(f"No device found with ID: '{device_id}' on any live node.")
+        with self._stream_lock:
+            reader = self._readers.get(device_id)
+            if reader is not None and not reader.hub.closed:
+                return reader.hub
+            reader = StreamReader(self.coordinator, device_id, node, self._reader_idle,
+                                  idle_after=max(2 * self.timings.heartbeat, 0.2))
+            self._readers[device_id] = reader
+        reader.start()  # reads from "now" on, before the relay starts: nothing is missed
+        try:
+            send_call(self.coordinator, node, self.name, {
+                "op": "stream_open", "device": device_id, "method": "start_streaming",
+                "principal": current_actor().principal}, self.call_timeout,
+                liveness_check=self.timings.heartbeat)
+        except BaseException:
+            self._drop_reader(reader)
+            raise
+        return reader.hub
+
+    def _drop_reader(self, reader: StreamReader) -> None:
+        with self._stream_lock:
+            if self._readers.get(reader.device_id) is reader:
+                del self._readers[reader.device_id]
+        reader.close()
+
+    def _reader_idle(self, reader: StreamReader) -> None:
+        """No local subscriber for a while: stop reading and tell the device's node."""
+        self._drop_reader(reader)
+        self._notify_node(reader.node, {"op": "stream_close", "device": reader.device_id})
+
+    def _notify_node(self, node: str, request: dict[str, Any]) -> None:
+        from labd.lab.calls import dumps
+
+        try:
+            self.coordinator.push_request(node, dumps({
+                **request, "deadline": time.time() + self.timings.directory_ttl, "from": self.name}))
+        except EngineUnavailableError:
+            pass  # the other side times out by itself
+
+    def _open_relay(self, device_id: str, reader_node: str, principal: Any) -> dict[str, Any]:
+        """A reader on ``reader_node`` wants ``device_id``'s stream: relay it (started if need be)."""
+        slot = self.daemon.device_slot(device_id)
+        with self._stream_lock:
+            relay = self._relays.get(device_id)
+            if relay is None or not relay.running:  # none yet, or the device's stream ended
+                if relay is not None:
+                    relay.close()
+                if self.daemon.stream_hub(device_id) is None:
+                    with acting_as(Actor(remote=True, principal=principal)):
+                        slot.check_command("start_streaming")  # starting it is a command
+                relay = StreamRelay(
+                    self.coordinator, device_id,
+                    lambda maxsize: self.daemon.subscribe(device_id, maxsize=maxsize),
+                    self.stream_maxlen)
+                self._relays[device_id] = relay
+            relay.readers[reader_node] = time.monotonic() + self.timings.directory_ttl
+            return relay.stats()
+
+    def _close_relay(self, device_id: str, reader_node: str) -> None:
+        with self._stream_lock:
+            relay = self._relays.get(device_id)
+            if relay is None:
+                return
+            relay.readers.pop(reader_node, None)
+            if relay.alive():
+                return
+            del self._relays[device_id]
+        relay.close()
+
+    def _keep_streams(self) -> None:
+        """Every heartbeat: renew this node's interest in remote streams; end unread relays."""
+        with self._stream_lock:
+            readers = list(self._readers.values())
+            stale = [r for r in self._relays.values() if not r.alive()]
+            for relay in stale:
+                del self._relays[relay.device_id]
+        for reader in readers:
+            self._notify_node(reader.node, {"op": "stream_keep", "device": reader.device_id})
+        for relay in stale:
+            relay.close()
+
+    def stream_stats(self) -> dict[str, Any]:
+        """Relays (this node's devices read elsewhere) and readers (others' devices read here)."""
+        with self._stream_lock:
+            return {"relays": [r.stats() for r in self._relays.values()],
+                    "readers": [r.stats() for r in self._readers.values()]}
+
     # -- reporting -----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         """The ``lab`` part of ``/health``."""
         return {"node": self.name, "engine": self.coordinator.description,
                 "connected": self.engine_error is None, "engine_error": self.engine_error,
                 "last_heartbeat": self.last_heartbeat, "nodes": sorted(self._nodes),
-                "conflicts": dict(self.conflicts), "claims_held": len(self.claims.held())}
+                "conflicts": dict(self.conflicts), "claims_held": len(self.claims.held()),
+                "streams": self.stream_stats()}
