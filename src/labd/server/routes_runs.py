@@ -95,8 +95,9 @@ def _page(
     limit: int, offset: int, show_tracebacks: bool,
 ) -> bytes:
     # One more than asked tells whether another page follows, so next_offset is exact.
-    rows = ctx.daemon.runs(status.value if status is not None else None, task_type, since,
-                           limit + 1, offset)
+    # On a node of a lab: every live node's runs, each naming its node (labd.lab).
+    runs = ctx.daemon.runs if ctx.daemon.lab is None else ctx.daemon.lab.runs
+    rows = runs(status.value if status is not None else None, task_type, since, limit + 1, offset)
     more = len(rows) > limit
     runs = [_run_for(row, show_tracebacks) for row in rows[:limit]]
     body = {"runs": runs, "limit": limit, "offset": offset,
