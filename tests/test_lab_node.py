@@ -364,3 +364,20 @@ def test_a_device_stream_reaches_subscribers_on_another_node(lab: Lab) -> None:
     # nobody reads it here any more: the reader stops and the device's node ends the relay
     wait_until(lambda: not b.stream_stats()["readers"], 10, "node b's reader to stop")
     wait_until(lambda: not a.stream_stats()["relays"], 10, "node a's relay to end")
+
+
+# -- run history ---------------------------------------------------------------------------------------
+def test_the_run_history_of_every_node_merged_naming_each_runs_node(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    b = lab.node("b", "camera")
+    for node, device_id, task_id in ((a, "laser", "first"), (b, "camera", "second"),
+                                     (a, "laser", "third")):
+        handle = node.daemon.execute_task(task_id, "Drive", device_ids=[device_id], target=device_id)
+        handle.cancel()
+        _wait_done(handle)
+    a.refresh()
+    b.refresh()
+    runs = b.runs(None, None, None, 10, 0)
+    assert [(run["task_id"], run["node"]) for run in runs] == [
+        ("third", "a"), ("second", "b"), ("first", "a")]
+    assert [run["task_id"] for run in a.runs(None, None, None, 1, 1)] == ["second"]

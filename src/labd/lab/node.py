@@ -313,6 +313,10 @@ class LabNode:
         if op == "stream_close":
             self._close_relay(str(request.get("device")), str(request.get("from")))
             return None
+        if op == "runs":
+            query = request.get("query") or {}
+            return self.daemon.runs(query.get("status"), query.get("task_type"),
+                                    query.get("since"), int(query.get("limit", 50)), 0)
         if op == "methods":
             return self.daemon.device_methods(str(request.get("device")))
         if op == "info":
@@ -430,6 +434,34 @@ class LabNode:
                 self.daemon.break_lease(owner.lease_id, f"its claim in the lab engine was lost: {why}")
             except Exception:
                 log.exception("lab: could not end lease %r", owner.lease_id)
+
+    # -- run history ---------------------------------------------------------------------------
+    def runs(
+        self, status: str | None, task_type: str | None, since: float | None, limit: int,
+        offset: int, timeout: float = 2.0,
+    ) -> list[dict[str, Any]]:
+        """The lab's run history, newest first, each run with its home ``node``.
+
+        Each node keeps its own runs (its SQLite); this asks every live node for its newest
+        ``offset + limit`` and merges them. A node that does not answer within ``timeout`` is
+        left out (its runs show again once it answers).
+        """
+        wanted = offset + limit
+        rows = [{**row, "node": self.name}
+                for row in self.daemon.runs(status, task_type, since, wanted, 0)]
+        query = {"status": status, "task_type": task_type, "since": since, "limit": wanted}
+        for node in sorted(self._nodes):
+            if node == self.name:
+                continue
+            try:
+                found = send_call(self.coordinator, node, self.name,
+                                  {"op": "runs", "query": query}, timeout)
+            except Exception as exc:  # a node down or frozen: the others' history still shows
+                log.info("lab: no run history from node %r: %s", node, exc)
+                continue
+            rows.extend({**row, "node": node} for row in found or [])
+        rows.sort(key=lambda row: str(row.get("created_at") or ""), reverse=True)
+        return rows[offset:offset + limit]
 
     # -- streams -------------------------------------------------------------------------------
     def stream_hub(self, device_id: str) -> StreamHub:
