@@ -4,7 +4,7 @@ Without an engine labd is one process and nothing here is imported. With one, ea
 ``labd serve --engine redis://... --node NAME`` is a :class:`LabNode`: it registers its
 devices in the lab's directory, serves calls to them from other nodes, calls other nodes'
 devices for its own callers, and takes claims in the engine with fencing tokens. See
-docs/multi-host.md and docs/decisions/0013-lab-engine.md.
+docs/multi-host.md and docs/decisions/0014-lab-engine.md.
 
 The core of this package imports nothing from ``redis``; :func:`connect_engine` imports the
 Redis coordinator only for a ``redis://`` or ``rediss://`` URL (the extra ``labd[lab]``).
