@@ -13,13 +13,14 @@ page's screenshot is saved under ``docs/screenshots/`` (the README shows two of 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import pytest
@@ -380,6 +381,15 @@ def test_a_run_can_be_paused_resumed_and_cancelled(ui: GuardedPage) -> None:
     page.get_by_role("button", name="Resume", exact=True).click()
     expect(status).to_have_text("running")
     wait_points_above(ui, 0)
+    # The overview lists it with its progress, and so does /ui/tasks.
+    for path in ("/ui/", "/ui/tasks"):
+        ui.goto(path)
+        bar = page.get_by_role("progressbar", name="Progress of ui-slow-1")
+        expect(bar).to_have_attribute("aria-valuenow", re.compile(r"\d+"))
+    ui.goto("/ui/devices/laser1")  # a device the run owns: commands disabled, with the reason
+    expect(page.locator("#control-reason")).to_contain_text("owned by task 'ui-slow-1'")
+    expect(page.get_by_role("button", name="set_wavelength", exact=True)).to_be_disabled()
+    ui.goto("/ui/runs/ui-slow-1")
     page.get_by_role("button", name="Cancel", exact=True).click()
     expect(status).to_have_text("cancelled")
 
@@ -507,6 +517,31 @@ def test_a_viewer_sees_commands_disabled_and_an_operator_enabled(browser: Any, s
             context.close()
 
 
+def test_a_signed_in_viewer_follows_a_running_stream(browser: Any, secured: str) -> None:
+    import httpx
+
+    operator = {"Authorization": f"Bearer {TOKENS['operator']}"}
+    context, ui = guarded_page(browser, secured)
+    try:
+        _sign_in(ui, "viewer")
+        ui.goto("/ui/devices/daq1")
+        page = ui.page
+        expect(page.get_by_role("button", name="Start stream")).to_be_disabled()
+        expect(page.get_by_text("Starting a stream needs the operator role")).to_be_visible()
+        # An operator's client starts the stream; the viewer's page joins it with the cookie.
+        with httpx.stream("GET", f"{secured}/stream/devices/daq1", headers=operator,
+                          timeout=10) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith(("id:", "event:", ":"))
+            ui.goto("/ui/devices/daq1")
+            wait_points_above(ui, 0)
+            expect(page.get_by_role("button", name="Stop stream")).to_be_disabled()
+        ui.assert_clean()
+    finally:
+        context.close()
+
+
 def test_the_login_page_says_when_a_token_is_wrong(browser: Any, secured: str) -> None:
     context, ui = guarded_page(browser, secured)
     try:
@@ -519,3 +554,64 @@ def test_the_login_page_says_when_a_token_is_wrong(browser: Any, secured: str) -
         ui.assert_clean()
     finally:
         context.close()
+
+
+# ---------------------------------------------------------------------- every widget kind
+class Shaper:
+    """A device whose commands take every kind of input the forms generate."""
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.last: dict[str, Any] = {}
+
+    def connect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+    def configure(self, mode: Literal["fast", "slow"], points: list[float], repeats: int,
+                  label: str | None = None, enabled: bool = False) -> None:
+        self.last = {"mode": mode, "points": points, "repeats": repeats, "label": label,
+                     "enabled": enabled}
+
+    def get_last(self) -> dict[str, Any]:
+        return self.last
+
+
+def test_choice_list_integer_and_optional_inputs_arrive_as_json(browser: Any) -> None:
+    from labd.testing import running_server
+
+    with running_server() as server:
+        server.daemon.register_plugins(devices={"Shaper": Shaper})
+        server.daemon.add_device("shaper1", "Shaper")
+        server.daemon.connect_device("shaper1")
+        context, ui = guarded_page(browser, server.url)
+        try:
+            ui.goto("/ui/devices/shaper1")
+            form = ui.page.locator('form[data-call="configure"]')
+            form.get_by_label("mode", exact=True).select_option("slow")
+            form.get_by_label("points", exact=True).fill("1.5, 2, 3e-1")
+            form.get_by_label("repeats", exact=True).fill("4")
+            form.get_by_label("enabled", exact=True).check()
+            ui.page.get_by_role("button", name="configure", exact=True).click()
+            expect(ui.page.locator('output[data-query="get_last"]')).to_have_text(
+                '{"mode":"slow","points":[1.5,2,0.3],"repeats":4,"label":null,"enabled":true}')
+            # A fractional integer fails the input's own validation: nothing is sent.
+            repeats = form.get_by_label("repeats", exact=True)
+            repeats.fill("4.5")
+            assert repeats.evaluate("node => node.validity.stepMismatch")
+            # A list item that is no number is named inline before anything is sent.
+            repeats.fill("5")
+            form.get_by_label("points", exact=True).fill("1, abc")
+            ui.page.get_by_role("button", name="configure", exact=True).click()
+            expect(form.locator("output")).to_contain_text("not a number: abc")
+            assert server.daemon.call_device("shaper1", "get_last")["repeats"] == 4
+            # An optional text parameter left empty keeps its default; filled, it is sent.
+            form.get_by_label("points", exact=True).fill("[7]")
+            form.get_by_label("label", exact=True).fill("run A")
+            ui.page.get_by_role("button", name="configure", exact=True).click()
+            expect(ui.page.locator('output[data-query="get_last"]')).to_contain_text('"label":"run A"')
+            ui.assert_clean()
+        finally:
+            context.close()

@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -243,3 +244,33 @@ def test_a_result_is_plotted_from_its_rows() -> None:
     assert plottable({"status": "completed", "results": rows}) == rows
     assert plottable([1.0, 2.0]) == [1.0, 2.0]
     assert plottable({"status": "ok"}) == []
+
+
+@pytest.fixture
+def recorded_lab(tmp_path: Path) -> Iterator[RunningServer]:
+    """The demo lab with a run store (history beyond the 20 runs kept in memory)."""
+    from labd import LabDaemon
+
+    daemon = LabDaemon(store=tmp_path / "runs.db")  # a path: the daemon owns (and closes) it
+    try:
+        with running_server(daemon, demo=True) as running:
+            yield running
+    finally:
+        daemon.shutdown()
+
+
+def test_the_history_pages_newest_first(recorded_lab: RunningServer) -> None:
+    open_lab = recorded_lab
+    for n in range(30):
+        open_lab.daemon.execute_task(f"page-{n:02d}", "WavelengthSweep", laser_id="laser1",
+                                     detector_id="pm1", start_wl=1549.0, stop_wl=1551.0,
+                                     steps=1).wait(10.0)
+    first = httpx.get(f"{open_lab.url}/ui/runs?type=WavelengthSweep", timeout=TIMEOUT).text
+    assert first.count('tr data-run="') == 25
+    assert 'data-run="page-29"' in first and 'data-run="page-04"' not in first
+    assert "offset=25" in first and 'rel="next"' in first and 'rel="prev"' not in first
+    second = httpx.get(f"{open_lab.url}/ui/runs?type=WavelengthSweep&offset=25", timeout=TIMEOUT).text
+    assert second.count('tr data-run="') == 5
+    assert 'data-run="page-00"' in second and 'rel="prev"' in second and 'rel="next"' not in second
+    text = httpx.get(f"{open_lab.url}/ui/runs?text=PAGE-1", timeout=TIMEOUT).text
+    assert text.count('tr data-run="') == 10  # page-10 .. page-19, case-insensitive
