@@ -56,7 +56,7 @@ async def overview_part(request: Request, part: str) -> Response:
     if part not in ("devices", "tasks", "runs", "health"):
         return page(request, "error.html", status_code=404, title="404",
                     error={"type": "NotFound", "message": f"No overview part {part!r}."})
-    data = await ctx.run(lambda: views.overview(ctx), what="reading the overview")
+    data = await ctx.run(lambda: views.overview_part(ctx, part), what=f"reading the {part}")
     return page(request, f"part_{part}.html", **data)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "RUN_STATES",
     "health",
     "overview",
+    "overview_part",
     "plottable",
     "run_page",
     "runs_page",
@@ -82,6 +83,17 @@ def overview(ctx: ServerContext) -> dict[str, Any]:
         "runs": ctx.daemon.runs(limit=_RECENT_RUNS),
         "health": health(ctx, devices),
     }
+
+
+def overview_part(ctx: ServerContext, part: str) -> dict[str, Any]:
+    """What one live section of the overview needs (its refresh reads nothing else)."""
+    if part == "devices":
+        return {"devices": ctx.daemon.list_devices()}
+    if part == "tasks":
+        return {"tasks": active_tasks(ctx)}
+    if part == "runs":
+        return {"runs": ctx.daemon.runs(limit=_RECENT_RUNS)}
+    return {"health": health(ctx)}
 
 
 def active_tasks(ctx: ServerContext) -> list[dict[str, Any]]:

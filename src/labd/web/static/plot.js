@@ -132,6 +132,16 @@
   // -- stream mode: x is seconds since the first point -----------------------------------------
   Plot.prototype.addPayload = function (payload, event) {
     var now = eventTime(event);
+    if (typeof payload === "number" && this.cols.value && this.fieldNames().length === 1) {
+      // The common scalar stream: one number per event, no allocation.
+      this.x.push(now / 1000 - this.origin); this.cols.value.push(payload);
+      this.lastX = now / 1000; this.points += 1; this.stats.events += 1;
+      this.el.dataset.points = String(this.points);
+      if (bench()) this.pendingTimes.push(now);
+      if (this.x.length > MAX_KEPT * 2) this.trim();
+      this.schedule();
+      return;
+    }
     var part = pointsOf(payload, now / 1000, this);
     if (!part.x.length) return;
     if (this.origin === null) this.origin = part.x[0];
@@ -150,7 +160,7 @@
     this.el.dataset.points = String(this.points);
     this.stats.events += 1;
     if (bench()) this.pendingTimes.push(now);
-    this.trim();
+    if (this.x.length > MAX_KEPT * 2) this.trim();  // otherwise once per frame, in draw()
     this.schedule();
   };
 
@@ -278,6 +288,7 @@
 
   Plot.prototype.draw = function () {
     if (!window.uPlot) return;
+    this.trim();
     var changed = this.syncFields();
     var data = this.decimated();
     var names = this.fieldNames().filter(function (n) { return !this.hidden[n]; }, this);
