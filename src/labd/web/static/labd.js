@@ -112,7 +112,11 @@
 
   function refreshQuery(output) {
     var method = output.dataset.query;
+    // Answers may arrive out of order: only the latest request's answer is shown.
+    var ticket = (output.labdTicket || 0) + 1;
+    output.labdTicket = ticket;
     return api("POST", devicePath("/call"), { method: method, args: [], kwargs: {} }).then(function (answer) {
+      if (output.labdTicket !== ticket) return;
       output.textContent = answer.ok ? shortJSON(answer.body.result) : describeError(answer);
       output.classList.toggle("err", !answer.ok);
     });
@@ -169,8 +173,12 @@
     main.dataset.leaseId = info.owner_kind === "lease" ? info.owner_id : "";
   }
 
+  var deviceTicket = 0;
   function reloadDevice() {
-    return api("GET", devicePath("")).then(function (answer) { if (answer.ok) applyOwnership(answer.body); });
+    var ticket = ++deviceTicket;  // only the latest answer counts (answers may cross)
+    return api("GET", devicePath("")).then(function (answer) {
+      if (answer.ok && ticket === deviceTicket) applyOwnership(answer.body);
+    });
   }
 
   function keepLease(id) {
@@ -219,7 +227,9 @@
     "stream-stop": function (out) {
       var plot = document.querySelector("[data-plot]");
       if (plot && window.LabdPlot) window.LabdPlot.stop(plot);
-      return api("POST", devicePath("/stream/stop")).then(function (a) { show(out, a, "Stream stopped."); return reloadDevice(); });
+      return api("POST", devicePath("/stream/stop")).then(function (a) {
+        show(out, a, "Stream stopped."); refreshAll(); return reloadDevice();
+      });
     },
     "stream-start": function () {
       var plot = document.querySelector("[data-plot]");
