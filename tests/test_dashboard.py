@@ -282,6 +282,26 @@ def test_take_control_holds_a_lease_until_released(ui: GuardedPage) -> None:
     expect(page.locator('[data-field="owner"]')).to_have_text("nobody")
 
 
+def test_the_page_renews_its_lease_while_open(ui: GuardedPage) -> None:
+    import httpx
+
+    ui.page.clock.install()  # the page's timers run when the test says so
+    ui.goto("/ui/devices/laser1")
+    ui.page.get_by_role("button", name="Take control").click()
+    expect(ui.page.get_by_role("button", name="Release control")).to_be_visible()
+
+    def active() -> dict[str, Any]:
+        leases = httpx.get(f"{ui.url}/leases", timeout=10).json()["leases"]
+        return next(entry for entry in leases if entry["status"] == "active")
+
+    before = active()["expires_at"]
+    with ui.page.expect_response(lambda r: r.url.endswith("/renew") and r.ok):
+        ui.page.clock.run_for(11_000)  # past the 10 s renewal period
+    assert active()["expires_at"] > before
+    ui.page.get_by_role("button", name="Release control").click()
+    expect(ui.page.get_by_role("button", name="Take control")).to_be_visible()
+
+
 def test_leaving_the_page_releases_its_lease(ui: GuardedPage) -> None:
     import httpx
 
