@@ -51,16 +51,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import unquote_plus, urlencode
+from urllib.parse import unquote_plus
 
 from fastapi import Depends
 from starlette.requests import Request
-from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from labd.errors import InvalidArgumentError, LabDaemonException
 from labd.server.errors import Forbidden, Unauthorized, describe_exception, error_response
-from labd.server.sessions import UI_HEADER, SessionTable, cookie_exempt, session_id_from
+from labd.server.sessions import (
+    NEEDS_UI_HEADER,
+    UI_HEADER,
+    SessionTable,
+    carries_ui_header,
+    session_id_from,
+    sign_in_redirect,
+)
 
 __all__ = [
     "PRINCIPAL_SCOPE_KEY",
@@ -421,19 +427,19 @@ class BearerAuthMiddleware:
         token = self.tokens.lookup(presented) if presented is not None else None
         if token is None and presented is None and problem == _NEEDS_TOKEN:
             token = self._from_cookie(scope)
-            if token is not None and needed is not None and not _ui_header_ok(scope):
+            if token is not None and needed is not None and not carries_ui_header(scope):
                 log.info("labd auth: refused %s %s by session cookie without %s",
                          method, path, UI_HEADER)
-                await _refuse(scope, receive, send, Forbidden(_NEEDS_UI_HEADER), None)
+                await _refuse(scope, receive, send, Forbidden(NEEDS_UI_HEADER), None)
                 return
         if needed is None:
             # Open to anyone; a valid token still says who calls (the full /health body).
             await self.app(scope if token is None else _as_user(scope, token, query),
                            receive, send)
             return
-        if token is None and method == "GET" and (path.startswith("/ui/") or _html_root(scope)):
-            # A browser without a session: the sign-in page, then back here.
-            await RedirectResponse(_login_url(scope), status_code=303)(scope, receive, send)
+        redirect = sign_in_redirect(scope) if token is None else None
+        if redirect is not None:  # a browser without a session: the sign-in page first
+            await redirect(scope, receive, send)
             return
         if token is None:
             challenge = 'Bearer realm="labd"' + (', error="invalid_token"' if presented else "")
@@ -449,30 +455,6 @@ class BearerAuthMiddleware:
             await _refuse(scope, receive, send, exc, None)
             return
         await self.app(_as_user(scope, token, query), receive, send)
-
-
-_NEEDS_UI_HEADER = (
-    f"A request signed in by the dashboard's session cookie must carry the header "
-    f"'{UI_HEADER}: 1' (the dashboard adds it; a form on another site cannot). Scripts "
-    "send 'Authorization: Bearer <token>' instead.")
-
-
-def _ui_header_ok(scope: Scope) -> bool:
-    return (cookie_exempt(scope["method"], scope["path"])
-            or _header(scope, UI_HEADER.lower().encode("ascii")) == "1")
-
-
-def _html_root(scope: Scope) -> bool:
-    """``GET /`` from a browser: it goes to the dashboard (the sign-in page first)."""
-    return scope["path"] == "/" and "text/html" in (_header(scope, b"accept") or "")
-
-
-def _login_url(scope: Scope) -> str:
-    target = "/ui/" if scope["path"] == "/" else scope["path"]
-    query = scope.get("query_string", b"")
-    if query:
-        target += "?" + query.decode("latin-1")
-    return "/ui/login?" + urlencode({"next": target})
 
 
 def _as_user(scope: Scope, token: Token, query: bytes) -> Scope:

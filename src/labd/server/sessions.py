@@ -31,6 +31,10 @@ import time
 from collections import OrderedDict
 from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode
+
+from starlette.responses import RedirectResponse
+from starlette.types import Scope
 
 if TYPE_CHECKING:
     from labd.server.auth import Token
@@ -38,12 +42,15 @@ if TYPE_CHECKING:
 __all__ = [
     "COOKIE",
     "MAX_SESSIONS",
+    "NEEDS_UI_HEADER",
     "SESSION_TTL_S",
     "UI_HEADER",
     "SessionTable",
+    "carries_ui_header",
     "cookie_exempt",
     "session_cookie",
     "session_id_from",
+    "sign_in_redirect",
 ]
 
 #: The session cookie's name.
@@ -55,6 +62,11 @@ SESSION_TTL_S = 12 * 3600.0
 #: At most this many live sessions; signing in beyond it ends the least recently used.
 MAX_SESSIONS = 1000
 _EXEMPT_PREFIXES = ("/ui/", "/stream/")
+#: The 403 message for a cookie request without :data:`UI_HEADER`.
+NEEDS_UI_HEADER = (
+    f"A request signed in by the dashboard's session cookie must carry the header "
+    f"'{UI_HEADER}: 1' (the dashboard adds it; a form on another site cannot). Scripts "
+    "send 'Authorization: Bearer <token>' instead.")
 
 
 def _digest(session_id: str) -> bytes:
@@ -134,3 +146,30 @@ def session_cookie(session_id: str | None, *, secure: bool) -> str:
 def cookie_exempt(method: str, path: str) -> bool:
     """True for requests a browser makes without scripts (page loads, EventSource)."""
     return method in ("GET", "HEAD") and path.startswith(_EXEMPT_PREFIXES)
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+def carries_ui_header(scope: Scope) -> bool:
+    """True if a cookie request may go on: it carries ``X-Labd-UI: 1``, or needs no scripts."""
+    return (cookie_exempt(scope["method"], scope["path"])
+            or _header(scope, UI_HEADER.lower().encode("ascii")) == "1")
+
+
+def sign_in_redirect(scope: Scope) -> RedirectResponse | None:
+    """For a browser's GET of a dashboard page (or of ``/`` as HTML) without a session: a 303
+    to ``/ui/login?next=<where it was going>``; None for every other request."""
+    path = scope["path"]
+    html_root = path == "/" and "text/html" in _header(scope, b"accept")
+    if scope["method"] != "GET" or not (path.startswith("/ui/") or html_root):
+        return None
+    target = "/ui/" if html_root else path
+    query = scope.get("query_string", b"")
+    if query:
+        target += "?" + query.decode("latin-1")
+    return RedirectResponse("/ui/login?" + urlencode({"next": target}), status_code=303)
