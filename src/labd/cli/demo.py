@@ -136,6 +136,7 @@ def _sweep(url: str, steps: int, dwell: float) -> str:
 
 def _print_urls(url: str, store: RunStore | None) -> None:
     console.print(Text.assemble("server:    ", (url, "bold cyan")))
+    console.print(f"dashboard: {url}/ui/")
     console.print(f"API docs:  {url}/docs")
     console.print(f"overview:  {url}/  (live events: {url}/stream/events)")
     if store is not None:

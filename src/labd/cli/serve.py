@@ -314,6 +314,7 @@ def _print_banner(
         ),
         soft_wrap=True,
     )
+    console.print(f"  dashboard: {url}/ui/")
     console.print(f"  API docs:  {url}/docs")
     console.print(f"  overview:  {url}/  (live events: {url}/stream/events)")
     console.print(f"  history:   {store.path if store is not None else 'in memory (--no-db)'}",
