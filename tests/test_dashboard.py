@@ -635,3 +635,36 @@ def test_choice_list_integer_and_optional_inputs_arrive_as_json(browser: Any) ->
             ui.assert_clean()
         finally:
             context.close()
+
+
+class TraceTask:
+    """A run that emits whole traces (arrays) and returns them as columns."""
+
+    def __init__(self, task_id: str, traces: int = 3, samples: int = 50) -> None:
+        self.task_id, self.traces, self.samples = task_id, traces, samples
+
+    def run(self, context: Any) -> dict[str, Any]:
+        for n in range(self.traces):
+            context.emit([float(n + i / self.samples) for i in range(self.samples)])
+            context.progress(n + 1, self.traces)
+        return {"index": list(range(self.samples)), "last": [float(i) for i in range(self.samples)]}
+
+
+def test_a_run_that_emits_traces_is_plotted(browser: Any, tmp_path: Path) -> None:
+    from labd import LabDaemon
+    from labd.testing import running_server
+
+    daemon = LabDaemon(store=tmp_path / "runs.db")  # emitted data is kept by the run store
+    with daemon, running_server(daemon) as server:
+        server.daemon.register_plugins(tasks={"TraceTask": TraceTask})
+        server.daemon.execute_task("traces1", "TraceTask").wait(10.0)
+        context, ui = guarded_page(browser, server.url)
+        try:
+            ui.goto("/ui/runs/traces1")
+            expect(ui.page.locator("[data-plot]")).to_have_attribute("data-points", "150")
+            expect(ui.page.locator("[data-plot] canvas")).to_have_count(1)
+            expect(ui.page.get_by_role("progressbar", name="Progress")).to_have_attribute(
+                "aria-valuenow", "100")
+            ui.assert_clean()
+        finally:
+            context.close()

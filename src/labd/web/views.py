@@ -161,12 +161,23 @@ def run_page(ctx: ServerContext, task_id: str) -> dict[str, Any]:
             "active": record.get("status") in ACTIVE_STATES}
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def plottable(result: Any) -> list[Any]:
-    """Rows to plot from a run's result: a list of numbers or dicts, or the first such list
-    among a dict's values (``{"results": [{"wavelength": ..., "power": ...}, ...]}``)."""
+    """Rows to plot from a run's result: a list of numbers or dicts; the first such list among
+    a dict's values (``{"results": [{"wavelength": ..., "power": ...}, ...]}``); or a dict of
+    equally long numeric columns (``{"wavelength": [...], "power": [...]}``), as rows."""
     candidates = [result] + (list(result.values()) if isinstance(result, dict) else [])
     for value in candidates:
         if isinstance(value, list) and value and all(
-                isinstance(v, int | float | dict) and not isinstance(v, bool) for v in value):
+                _is_number(v) or isinstance(v, dict) for v in value):
             return value
+    if isinstance(result, dict):
+        columns = {key: value for key, value in result.items() if isinstance(value, list)
+                   and value and all(_is_number(v) for v in value)}
+        lengths = {len(column) for column in columns.values()}
+        if columns and len(lengths) == 1:
+            return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
     return []

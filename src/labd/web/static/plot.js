@@ -196,6 +196,11 @@
       }
     });
     var fields = Object.keys(numeric);
+    var last = rows[rows.length - 1];
+    if (!fields.length && last !== undefined && typeof last !== "number") {
+      this.traceOf(last);  // a run that emits traces (arrays): the latest one against its index
+      return;
+    }
     this.syncXOptions(fields);
     var xField = this.xField;
     var x = [], cols = {};
@@ -213,6 +218,17 @@
       });
     }
     self.x = x; self.cols = cols;
+    this.schedule();
+  };
+
+  Plot.prototype.traceOf = function (value) {
+    var part = pointsOf(value, 0, { lastX: null });
+    var names = Object.keys(part.series), n = part.x.length;
+    var x = [], cols = {};
+    for (var i = 0; i < n; i++) x.push(i);
+    names.forEach(function (name) { cols[name] = part.series[name]; });
+    if (this.xSelect) this.syncXOptions([]);
+    this.x = x; this.cols = cols;
     this.schedule();
   };
 
