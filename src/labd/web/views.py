@@ -165,19 +165,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _rows(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        _is_number(v) or isinstance(v, dict) for v in value)
+
+
 def plottable(result: Any) -> list[Any]:
-    """Rows to plot from a run's result: a list of numbers or dicts; the first such list among
-    a dict's values (``{"results": [{"wavelength": ..., "power": ...}, ...]}``); or a dict of
-    equally long numeric columns (``{"wavelength": [...], "power": [...]}``), as rows."""
-    candidates = [result] + (list(result.values()) if isinstance(result, dict) else [])
-    for value in candidates:
-        if isinstance(value, list) and value and all(
-                _is_number(v) or isinstance(v, dict) for v in value):
-            return value
-    if isinstance(result, dict):
-        columns = {key: value for key, value in result.items() if isinstance(value, list)
-                   and value and all(_is_number(v) for v in value)}
-        lengths = {len(column) for column in columns.values()}
-        if columns and len(lengths) == 1:
-            return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
-    return []
+    """Rows to plot from a run's result: a list of numbers or dicts; a dict of two or more
+    equally long numeric columns (``{"wavelength": [...], "power": [...]}``), as rows; or the
+    first list of rows among a dict's values (``{"results": [{"wavelength": ...}, ...]}``)."""
+    if _rows(result):
+        return list(result)
+    if not isinstance(result, dict):
+        return []
+    columns = {key: value for key, value in result.items() if isinstance(value, list)
+               and value and all(_is_number(v) for v in value)}
+    if len(columns) >= 2 and len({len(column) for column in columns.values()}) == 1:
+        return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+    return next((list(value) for value in result.values() if _rows(value)), [])
