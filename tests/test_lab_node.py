@@ -381,3 +381,29 @@ def test_the_run_history_of_every_node_merged_naming_each_runs_node(lab: Lab) ->
     assert [(run["task_id"], run["node"]) for run in runs] == [
         ("third", "a"), ("second", "b"), ("first", "a")]
     assert [run["task_id"] for run in a.runs(None, None, None, 1, 1)] == ["second"]
+
+
+def test_a_stream_stopped_on_its_node_ends_for_subscribers_elsewhere(lab: Lab) -> None:
+    from labd.testing import FakeStreamer
+
+    a = lab.node("a")
+    a.daemon.register_plugins(devices={"Streamer": FakeStreamer})
+    a.daemon.add_device("daq", "Streamer")
+    a.refresh()
+    b = lab.node("b")
+    _see(b, "daq")
+    sub = b.daemon.subscribe("daq", maxsize=100)
+    try:
+        streamer = a.daemon.device_slot("daq").instance
+        wait_until(lambda: a.stream_stats()["relays"], 5, "the relay to start")
+        streamer.push(1)
+        wait_until(lambda: len(sub) == 1, 5, "the first item on node b")
+        a.daemon.stop_streaming("daq")
+        wait_until(lambda: sub.closed, 5, "the subscription on node b to end")
+        # the readers' keep-alives never restart a stream someone stopped
+        b.refresh()
+        wait_until(lambda: not b.stream_stats()["readers"], 5, "node b's reader to go")
+        wait_until(lambda: not a.stream_stats()["relays"], 5, "node a to drop the ended relay")
+        assert not streamer.is_streaming()
+    finally:
+        sub.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -110,6 +111,9 @@ class LabNode:
                                        on_engine_error=self._engine_down)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop,
                                            name=f"labd-lab-heartbeat-{node}", daemon=True)
+        self._notices: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._notifier = threading.Thread(target=self._send_notices,
+                                          name=f"labd-lab-notify-{node}", daemon=True)
         self._registry: ClaimRegistry | None = None
         self._started = False
         self._closed = False
@@ -128,6 +132,7 @@ class LabNode:
         self._registry = self.daemon.join_lab(self, self, self.claims)
         self.claims.start()
         self._workers.start()
+        self._notifier.start()
         self._heartbeat.start()
         self._started = True
 
@@ -140,6 +145,8 @@ class LabNode:
         self._kick.set()
         if self._started:
             self._heartbeat.join(timeout)
+            self._notices.put(None)
+            self._notifier.join(timeout)
         self._workers.close(timeout)
         self.claims.close(timeout)
         with self._stream_lock:
@@ -307,9 +314,12 @@ class LabNode:
                 except (DeviceBusyError, UnknownDeviceError):
                     pass  # lost or taken meanwhile; the commands' own checks decide
             return None
-        if op in ("stream_open", "stream_keep"):
+        if op == "stream_open":
             return self._open_relay(str(request.get("device")), str(request.get("from")),
                                     request.get("principal"))
+        if op == "stream_keep":  # renews interest only: a stream someone stopped stays stopped
+            self._keep_relay(str(request.get("device")), str(request.get("from")))
+            return None
         if op == "stream_close":
             self._close_relay(str(request.get("device")), str(request.get("from")))
             return None
@@ -414,14 +424,28 @@ class LabNode:
             if node is not None:
                 by_node.setdefault(node, []).append(device_id)
         for node, ids in by_node.items():
-            try:
-                from labd.lab.calls import dumps
+            # Hints, sent off the claimer's thread: a claim costs one engine round trip.
+            self._notices.put((node, {"op": op, "devices": ids, "token": token}))
 
-                self.coordinator.push_request(node, dumps({
-                    "op": op, "devices": ids, "token": token,
-                    "deadline": time.time() + self.timings.claim_ttl, "from": self.name}))
-            except EngineUnavailableError:
-                pass  # the other node's sweep drops it within a heartbeat
+    def _send_notices(self) -> None:
+        """The notifier thread: claimed/released hints to the devices' nodes, in order."""
+        while True:
+            batch = [self._notices.get()]
+            while True:  # everything queued meanwhile goes in this round
+                try:
+                    batch.append(self._notices.get_nowait())
+                except queue.Empty:
+                    break
+            notices = [notice for notice in batch if notice is not None]
+            # A claim released before its "claimed" hint went out needs neither hint.
+            released = {(node, r["token"]) for node, r in notices if r["op"] == "released"}
+            claimed = {(node, r["token"]) for node, r in notices if r["op"] == "claimed"}
+            for node, request in notices:
+                if (node, request["token"]) in released & claimed:
+                    continue
+                self._notify_node(node, request)  # lost if the engine is away: the sweep catches up
+            if len(notices) < len(batch):
+                return
 
     def _claim_lost(self, owner: Owner, why: str) -> None:
         """A claim of this node was lost: cancel the run, or end the lease."""
@@ -496,9 +520,10 @@ class LabNode:
         reader.close()
 
     def _reader_idle(self, reader: StreamReader) -> None:
-        """No local subscriber for a while: stop reading and tell the device's node."""
+        """No local subscriber for a while, or the stream ended: stop reading, tell its node."""
         self._drop_reader(reader)
-        self._notify_node(reader.node, {"op": "stream_close", "device": reader.device_id})
+        if not reader.ended:
+            self._notify_node(reader.node, {"op": "stream_close", "device": reader.device_id})
 
     def _notify_node(self, node: str, request: dict[str, Any]) -> None:
         from labd.lab.calls import dumps
@@ -527,6 +552,12 @@ class LabNode:
                 self._relays[device_id] = relay
             relay.readers[reader_node] = time.monotonic() + self.timings.directory_ttl
             return relay.stats()
+
+    def _keep_relay(self, device_id: str, reader_node: str) -> None:
+        with self._stream_lock:
+            relay = self._relays.get(device_id)
+            if relay is not None and relay.running:
+                relay.readers[reader_node] = time.monotonic() + self.timings.directory_ttl
 
     def _close_relay(self, device_id: str, reader_node: str) -> None:
         with self._stream_lock:

@@ -202,7 +202,7 @@ class RedisCoordinator:
             # The list lives a while after its last request, not forever: a node that died
             # leaves nothing behind in the engine's memory.
             key = f"{self.prefix}req:{node}"
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self._client.pipeline(transaction=False)
             pipe.rpush(key, payload)
             pipe.pexpire(key, _REQUEST_LIST_TTL_MS)
             pipe.execute()
@@ -230,7 +230,7 @@ class RedisCoordinator:
         """See :meth:`Coordinator.push_reply`."""
         def push() -> None:
             key = f"{self.prefix}reply:{reply_key}"
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self._client.pipeline(transaction=False)
             pipe.rpush(key, payload)
             pipe.pexpire(key, max(int(ttl * 1000), 1))
             pipe.execute()

@@ -35,6 +35,8 @@ log = logging.getLogger("labd.lab")
 RELAY_QUEUE_MAX = 4096
 #: Items moved into the engine per round trip.
 RELAY_BATCH = 500
+#: The sequence number of the entry a relay adds when the device's stream ended.
+END_OF_STREAM = -1
 
 
 def stream_name(device_id: str) -> str:
@@ -73,8 +75,10 @@ class StreamRelay:
         while not self._closed.is_set():
             first = sub.get(0.5)
             if first is None:
+                if sub.closed and not self._closed.is_set():
+                    self._send_end(name)  # the device's stream ended: readers end theirs
                 if sub.closed:
-                    return  # the device's stream ended
+                    return
                 continue
             batch = [first, *sub.drain(RELAY_BATCH - 1)]
             entries = [StreamEntry("", item.sequence, item.timestamp, dumps(item.payload))
@@ -85,6 +89,13 @@ class StreamRelay:
             except EngineUnavailableError:
                 self.engine_dropped += len(entries)
                 self._closed.wait(0.2)  # the engine is away: do not spin
+
+    def _send_end(self, name: str) -> None:
+        try:
+            self._coordinator.stream_add(name, [StreamEntry("", END_OF_STREAM, time.time(), b"null")],
+                                         self._maxlen)
+        except EngineUnavailableError:
+            pass  # the readers' nodes notice the relay is gone when they renew (it is not kept)
 
     @property
     def running(self) -> bool:
@@ -124,6 +135,7 @@ class StreamReader:
         self.received = 0
         self.gaps = 0  # items the device published that never arrived here
         self.last_sequence: int | None = None
+        self.ended = False  # the device's stream ended (stopped on its node)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name=f"labd-lab-reader-{device_id}",
                                         daemon=True)
@@ -146,6 +158,10 @@ class StreamReader:
                 continue
             for entry in entries:
                 after = entry.entry_id
+                if entry.sequence == END_OF_STREAM:
+                    self.ended = True
+                    self._on_idle(self)  # ends the local hub: subscribers see the stream end
+                    return
                 self._take(entry)
             if self.hub.subscriptions:
                 idle_since = None
