@@ -203,7 +203,6 @@ def test_overview_lists_the_lab_and_follows_events(ui: GuardedPage) -> None:
     expect(page.locator('[data-device="laser1"]')).to_contain_text("connected")
     expect(page.get_by_test_id("health-status")).to_have_text("healthy")
     expect(page.get_by_test_id("user")).to_have_text("local user")
-    ui.screenshot("overview.png")
     # Live: a state change made by another client shows up without a reload.
     row = page.locator('[data-device="pm1"]')
     try:
@@ -391,7 +390,7 @@ def test_a_run_can_be_paused_resumed_and_cancelled(ui: GuardedPage) -> None:
 
     body = {"task_id": "ui-slow-1", "task_type": "WavelengthSweep", "params": {
         "laser_id": "laser1", "detector_id": "pm1", "start_wl": 1549, "stop_wl": 1551,
-        "steps": 100000, "dwell": 0.02}}
+        "steps": 3000, "dwell": 0.02}}  # a minute at least
     httpx.post(f"{ui.url}/tasks", json=body, timeout=10).raise_for_status()
     ui.goto("/ui/runs/ui-slow-1")
     page = ui.page
@@ -406,6 +405,8 @@ def test_a_run_can_be_paused_resumed_and_cancelled(ui: GuardedPage) -> None:
         ui.goto(path)
         bar = page.get_by_role("progressbar", name="Progress of ui-slow-1")
         expect(bar).to_have_attribute("aria-valuenow", re.compile(r"\d+"))
+        if path == "/ui/":
+            ui.screenshot("overview.png")  # the README's: a run in progress, the history
     ui.goto("/ui/devices/laser1")  # a device the run owns: commands disabled, with the reason
     expect(page.locator("#control-reason")).to_contain_text("owned by task 'ui-slow-1'")
     expect(page.get_by_role("button", name="set_wavelength", exact=True)).to_be_disabled()
