@@ -254,3 +254,18 @@ def test_an_unreachable_engine_raises_engine_unavailable() -> None:
             coordinator.claim(A, ["laser"], 30)
     finally:
         coordinator.close()
+
+
+def test_exchange_sends_the_request_and_waits_for_its_reply(engine: Engine) -> None:
+    coordinator = engine.coordinator
+
+    def answer() -> None:
+        request = coordinator.pop_request("a", 5)
+        coordinator.push_reply("k2", b"re:" + (request or b"?"), 60)
+
+    responder = threading.Thread(target=answer)
+    responder.start()
+    assert coordinator.exchange("a", b"ping", "k2", 1.0) == b"re:ping"
+    responder.join(10)
+    assert coordinator.exchange("nobody", b"ping", "k3", 0.05) is None
+    assert coordinator.pop_request("nobody", 0.05) == b"ping", "the request was not left for its node"

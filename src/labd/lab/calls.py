@@ -101,21 +101,22 @@ def send_call(
     """Send ``request`` to ``node`` and wait up to ``timeout`` s for its reply's result."""
     reply_key = f"{caller}:{uuid.uuid4().hex}"
     deadline = time.time() + timeout
-    coordinator.push_request(node, dumps({**request, "reply": reply_key, "deadline": deadline,
-                                          "from": caller}))
-    payload = None
-    remaining = timeout
+    body = dumps({**request, "reply": reply_key, "deadline": deadline, "from": caller})
+    payload = coordinator.exchange(node, body, reply_key, min(timeout, liveness_check))
+    remaining = deadline - time.time()
     while payload is None and remaining > 0:
         # Wait in slices; between them, make sure the node is still in the directory, so a
         # call to a node that died answers as soon as its entry expires instead of hanging.
-        wait = min(remaining, liveness_check)
-        payload = coordinator.pop_reply(reply_key, wait)
+        device = request.get("device")
+        if device is not None and coordinator.node_of(str(device)) != node:
+            break
+        payload = coordinator.pop_reply(reply_key, min(remaining, liveness_check))
         remaining = deadline - time.time()
-        if payload is None and remaining > 0 and coordinator.node_of(str(request.get("device"))) != node:
-            raise UnknownDeviceError(
-                f"Device {request.get('device')!r}: node {node!r} left the lab (its directory "
-                "entry expired: it stopped, crashed or lost the engine) while the call waited; "
-                "the call may or may not have run. Check the node (labd lab nodes).")
+    if payload is None and remaining > 0:
+        raise UnknownDeviceError(
+            f"Device {request.get('device')!r}: node {node!r} left the lab (its directory "
+            "entry expired: it stopped, crashed or lost the engine) while the call waited; "
+            "the call may or may not have run. Check the node (labd lab nodes).")
     if payload is None:
         what = f"{request.get('device')}.{request.get('method')}()" if request.get("method") else request.get("op")
         raise DeviceTimeoutError(

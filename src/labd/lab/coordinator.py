@@ -146,6 +146,9 @@ class Coordinator(Protocol):
     def pop_request(self, node: str, timeout: float) -> bytes | None:
         """Take the oldest request of ``node``, waiting up to ``timeout`` s."""
 
+    def exchange(self, node: str, payload: bytes, reply_key: str, wait: float) -> bytes | None:
+        """Push a request to ``node`` and wait up to ``wait`` s for its reply, in one round trip."""
+
     def push_reply(self, reply_key: str, payload: bytes, ttl: float) -> None:
         """Put a reply on ``reply_key`` (kept ``ttl`` s for a caller that may be gone)."""
 

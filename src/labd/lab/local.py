@@ -238,6 +238,11 @@ class LocalCoordinator:
         """See :meth:`Coordinator.pop_request`."""
         return self._pop(f"req:{node}", timeout)
 
+    def exchange(self, node: str, payload: bytes, reply_key: str, wait: float) -> bytes | None:
+        """See :meth:`Coordinator.exchange`."""
+        self.push_request(node, payload)
+        return self.pop_reply(reply_key, wait)
+
     def push_reply(self, reply_key: str, payload: bytes, ttl: float) -> None:
         """See :meth:`Coordinator.push_reply` (an unread reply stays until popped)."""
         self._push(f"reply:{reply_key}", payload)

@@ -226,6 +226,23 @@ class RedisCoordinator:
         """See :meth:`Coordinator.pop_request`."""
         return self._blocking_pop(f"{self.prefix}req:{node}", timeout, "wait for requests")
 
+    def exchange(self, node: str, payload: bytes, reply_key: str, wait: float) -> bytes | None:
+        """See :meth:`Coordinator.exchange`: RPUSH and BLPOP pipelined (one round trip)."""
+        wait = min(wait, _BLOCK_SLICE_S)
+        if wait < 0.001:
+            self.push_request(node, payload)
+            return self.pop_reply(reply_key, 0.0)
+
+        def exchange() -> bytes | None:
+            key = f"{self.prefix}req:{node}"
+            pipe = self._client.pipeline(transaction=False)
+            pipe.rpush(key, payload)
+            pipe.pexpire(key, _REQUEST_LIST_TTL_MS)
+            pipe.blpop([f"{self.prefix}reply:{reply_key}"], wait)
+            answer: Any = pipe.execute()[-1]
+            return None if answer is None else bytes(answer[1])
+        return self._call("send a request and wait for its reply", exchange)
+
     def push_reply(self, reply_key: str, payload: bytes, ttl: float) -> None:
         """See :meth:`Coordinator.push_reply`."""
         def push() -> None:
