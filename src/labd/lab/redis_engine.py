@@ -59,6 +59,7 @@ class RedisCoordinator:
         self._release = self._client.register_script(scripts.RELEASE)
         self._register = self._client.register_script(scripts.REGISTER)
         self._unregister = self._client.register_script(scripts.UNREGISTER)
+        self._push_expire = self._client.register_script(scripts.PUSH_EXPIRE)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -245,13 +246,9 @@ class RedisCoordinator:
 
     def push_reply(self, reply_key: str, payload: bytes, ttl: float) -> None:
         """See :meth:`Coordinator.push_reply`."""
-        def push() -> None:
-            key = f"{self.prefix}reply:{reply_key}"
-            pipe = self._client.pipeline(transaction=False)
-            pipe.rpush(key, payload)
-            pipe.pexpire(key, max(int(ttl * 1000), 1))
-            pipe.execute()
-        self._call("send a reply", push)
+        key = f"{self.prefix}reply:{reply_key}"
+        self._call("send a reply", lambda: self._push_expire(
+            keys=[key], args=[payload, max(int(ttl * 1000), 1)]))
 
     def pop_reply(self, reply_key: str, timeout: float) -> bytes | None:
         """See :meth:`Coordinator.pop_reply`."""

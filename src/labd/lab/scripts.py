@@ -12,7 +12,15 @@ Waiters are a sorted set ``<prefix>queue`` (ticket -> ticket) and strings
 
 from __future__ import annotations
 
-__all__ = ["CLAIM", "REGISTER", "RELEASE", "RENEW", "UNREGISTER"]
+__all__ = ["CLAIM", "PUSH_EXPIRE", "REGISTER", "RELEASE", "RENEW", "UNREGISTER"]
+
+#: KEYS: a list. ARGV: payload, ttl ms. RPUSH and PEXPIRE as one command (a reply whose caller
+#: gave up must not stay in the engine).
+PUSH_EXPIRE = r"""
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 
 # Split s on the unit separator (plain find: no Lua patterns on user text).
 _SPLIT = r"""
