@@ -64,6 +64,17 @@ class RedisCoordinator:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
+        except redis.exceptions.AuthenticationError as exc:
+            raise EngineUnavailableError(
+                f"The lab's engine {self.description} refused this node's credentials ({what}: "
+                f"{exc}). Check the ACL user and password in the engine URL (docs/multi-host.md)."
+            ) from exc
+        except redis.exceptions.NoPermissionError as exc:
+            raise EngineUnavailableError(
+                f"The lab's engine {self.description} does not let this node's ACL user do "
+                f"{what} ({exc}). Give the user ~labd:* &labd:* and the commands of "
+                "docs/multi-host.md."
+            ) from exc
         except _ENGINE_ERRORS as exc:
             raise EngineUnavailableError(
                 f"The lab's engine {self.description} did not answer ({what}: "
