@@ -168,6 +168,16 @@ def test_three_nodes_serve_the_whole_lab_and_a_run_owns_devices_on_two(lab: Lab)
     assert lease.status_code in (200, 201), lease.text
     health = c.http.get("/health").json()
     assert health["status"] == "healthy" and health["lab"]["nodes"] == ["a", "b", "c"]
+    with LabdProcess("lab", "nodes", "--url", c.url) as cli:
+        assert cli.process.wait(30) == 0
+        rows = [line.split("│")[1].strip() for line in cli.output().splitlines()
+                if line.startswith("│")]
+        assert rows == ["a", "b", "c"], cli.output()
+    with LabdProcess("lab", "devices", "--url", a.url) as cli:
+        assert cli.process.wait(30) == 0
+        table = {tuple(cell.strip() for cell in line.split("│")[1:3])
+                 for line in cli.output().splitlines() if line.startswith("│")}
+        assert table == {("camera", "b"), ("laser", "a")}, cli.output()
 
 
 @pytest.mark.timeout(90)
