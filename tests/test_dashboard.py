@@ -441,6 +441,7 @@ def test_every_page_has_no_console_errors_and_stays_on_127_0_0_1(ui: GuardedPage
         ui.goto(path)
         expect(page.locator("main h1")).to_be_visible()
         _assert_named_controls(page, path)
+        _assert_badges_readable(page)
     ui.screenshot("server.png")
     ui.goto("/ui/tasks")
     ui.screenshot("tasks.png")
@@ -459,6 +460,15 @@ def _assert_named_controls(page: Any, path: str) -> None:
           return !label.trim() && node.type !== 'hidden';
         }).map(node => node.outerHTML.slice(0, 120))""")
     assert unnamed == [], f"{path}: controls without an accessible name: {unnamed}"
+
+
+def _assert_badges_readable(page: Any) -> None:
+    """Every badge's text differs in colour from its background (a badge once vanished)."""
+    same = page.evaluate("""() => [...document.querySelectorAll('.badge')].filter(node => {
+        const style = getComputedStyle(node);
+        return style.color === style.backgroundColor;
+      }).map(node => node.outerHTML.slice(0, 120))""")
+    assert same == [], f"badges whose text is the colour of their background: {same}"
 
 
 def test_phone_width_never_scrolls_sideways(browser: Any, lab: str) -> None:
@@ -516,6 +526,7 @@ def test_a_viewer_sees_commands_disabled_and_an_operator_enabled(browser: Any, s
             page = ui.page
             expect(page.get_by_test_id("user")).to_have_text(user)
             expect(page.get_by_test_id("role")).to_have_text(role)
+            _assert_badges_readable(page)
             button = page.get_by_role("button", name="set_wavelength", exact=True)
             value = page.locator('output[data-query="get_wavelength"]')
             expect(value).to_have_text("1550")  # queries work for both
