@@ -36,7 +36,7 @@ from labd.server.models import (
     ShowTracebacks,
     TimeoutQuery,
 )
-from labd.server.routes_lab import call_on_other_node, merge_devices
+from labd.server.routes_lab import ask_other_node, call_on_other_node, merge_devices
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 from labd.signatures import device_constructor_signature, signature_of
 
@@ -66,7 +66,12 @@ async def list_devices(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
 
 async def get_device(device_id: DeviceIdPath, ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
     """One device's state (including ``unresponsive`` while a call is past its timeout)."""
-    ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
+    try:
+        ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        return json_response(await ask_other_node(ctx, device_id, "info", timeout))  # routes_lab
     body = await ctx.run(lambda: _info_bytes(ctx, device_id),
                          what=f"reading device {device_id!r}", timeout=timeout)
     return json_bytes_response(body)
@@ -74,7 +79,13 @@ async def get_device(device_id: DeviceIdPath, ctx: Ctx, timeout: TimeoutQuery = 
 
 async def get_device_methods(device_id: DeviceIdPath, ctx: Ctx) -> Response:
     """Public methods of a device: name, query/command, parameters, doc."""
-    return json_response({"methods": ctx.daemon.device_methods(device_id)})
+    try:
+        methods = ctx.daemon.device_methods(device_id)
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        methods = await ask_other_node(ctx, device_id, "methods", None)  # routes_lab
+    return json_response({"methods": methods})
 
 
 async def add_device(
