@@ -407,3 +407,19 @@ def test_a_stream_stopped_on_its_node_ends_for_subscribers_elsewhere(lab: Lab) -
         assert not streamer.is_streaming()
     finally:
         sub.close()
+
+
+def test_another_nodes_device_checks_arguments_and_describes_itself(lab: Lab) -> None:
+    from labd.signatures import ParameterValidationError
+
+    a = lab.node("a", "laser")
+    b = lab.node("b")
+    _see(b, "laser")
+    with pytest.raises(ParameterValidationError, match="laser.set_value()") as bad:
+        b.daemon.call_device("laser", "set_value", ["not a number"])
+    assert bad.value.errors and bad.value.errors[0]["parameter"] == "value"
+    b.daemon.call_device("laser", "set_value", ["2.5"])  # lax: converted, as over HTTP
+    assert a.daemon.call_device("laser", "get_value") == 2.5
+    methods = {m["name"]: m["kind"] for m in b.ask("laser", "methods")}
+    assert methods["set_value"] == "command" and methods["get_value"] == "query"
+    assert b.ask("laser", "info")["device_type"] == "Fake"

@@ -152,6 +152,13 @@ def test_three_nodes_serve_the_whole_lab_and_a_run_owns_devices_on_two(lab: Lab)
                    f"node {node.name} to list the lab's devices")
     assert c.call("camera", "set_value", 4.5).status_code == 200
     assert b.value("camera") == 4.5 and a.value("camera") == 4.5
+    info = c.http.get("/devices/camera")
+    assert info.status_code == 200 and info.json()["node"] == "b", info.text
+    methods = c.http.get("/devices/camera/methods").json()["methods"]
+    assert {m["name"]: m["kind"] for m in methods}["set_value"] == "command"
+    bad = c.call("camera", "set_value", "not a number")
+    assert bad.status_code == 422 and bad.json()["error"]["type"] == "ParameterValidationError"
+    assert c.call("nowhere", "get_value").status_code == 404
     started = c.http.post("/tasks", json={"task_id": "sweep", "task_type": "Drive", "params": {
         "device_ids": ["laser", "camera"], "target": "camera"}})
     assert started.status_code == 201, started.text

@@ -81,14 +81,16 @@ def decode_error(error: Mapping[str, Any]) -> LabDaemonException:
     cls = _error_class(str(error.get("type", "")))
     message = str(error.get("message", ""))
     exc: LabDaemonException
+    context = error.get("context")
     if issubclass(cls, DeviceBusyError):
         exc = cls(message, list(error.get("busy") or []))
+    elif cls.__name__ == "ParameterValidationError":
+        exc = cls(message, list((context or {}).get("errors") or []))
     else:
         try:
             exc = cls(message)
         except TypeError:  # a class with its own constructor: keep the type's family
             exc = LabDaemonException(message)
-    context = error.get("context")
     if context:
         exc.labd_context = dict(context)  # type: ignore[attr-defined]
     return exc

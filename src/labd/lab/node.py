@@ -33,6 +33,7 @@ from labd.lab.errors import DeviceIdConflictError, EngineUnavailableError
 from labd.lab.settings import LabTimings
 from labd.lab.streams import StreamReader, StreamRelay
 from labd.ownership import Actor, ClaimRegistry, Lease, Owner, acting_as, current_actor
+from labd.signatures import signature_of
 from labd.streaming import StreamHub
 from labd.tasks import TaskRun
 
@@ -299,6 +300,17 @@ class LabNode:
                          self.call_timeout if timeout is None else timeout,
                          liveness_check=self.timings.heartbeat)
 
+    def ask(self, device_id: str, op: str, timeout: float | None = None) -> Any:
+        """A remote device's ``info`` (its ``GET /devices/{id}``) or ``methods``."""
+        node = self._directory.get(device_id)
+        if node is None and self.knows(device_id):
+            node = self._directory.get(device_id)
+        if node is None:
+            raise UnknownDeviceError(f"No device found with ID: '{device_id}' on any live node.")
+        return send_call(self.coordinator, node, self.name, {"op": op, "device": device_id},
+                         self.call_timeout if timeout is None else timeout,
+                         liveness_check=self.timings.heartbeat)
+
     # -- requests from other nodes -------------------------------------------------------------
     def _handle(self, request: dict[str, Any]) -> Any:
         op = request.get("op")
@@ -345,8 +357,12 @@ class LabNode:
             else:
                 self._mirror_claim_of(device_id)  # a claim of another node refuses it (409)
         actor = Actor(run=mirror, principal=request.get("principal"), remote=True)
-        return self.daemon.call_device(device_id, method, request.get("args") or [],
-                                       request.get("kwargs") or {}, actor=actor)
+        args, kwargs = request.get("args") or [], request.get("kwargs") or {}
+        original = slot.originals.get(method)
+        signature = signature_of(original) if original is not None else None
+        if signature is not None:  # a remote call: checked against the annotations (422)
+            args, kwargs = signature.validate(args, kwargs, f"{device_id}.{method}()")
+        return self.daemon.call_device(device_id, method, args, kwargs, actor=actor)
 
     def _mirror_claim_of(self, device_id: str) -> None:
         """Install the stand-in owner of another node's live claim on ``device_id``, if any."""

@@ -23,7 +23,7 @@ from labd.server.errors import Forbidden
 from labd.server.models import Ctx, TimeoutQuery
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 
-__all__ = ["ROUTES", "call_on_other_node", "lab_health", "merge_devices"]
+__all__ = ["ROUTES", "ask_other_node", "call_on_other_node", "lab_health", "merge_devices"]
 
 #: Method names that are queries by labd's naming rule (the remote node decides for sure).
 _QUERY_PREFIXES = ("get_", "is_", "has_", "list_")
@@ -81,6 +81,26 @@ async def call_on_other_node(
         return b'{"result":' + dumps(result, f"the result of {what}") + b',"success":true}'
 
     return await ctx.run(job, what=what, timeout=timeout)
+
+
+async def ask_other_node(
+    ctx: ServerContext, device_id: str, op: str, timeout: float | None,
+) -> Any:
+    """A device's ``info`` (with its ``node``) or ``methods`` from the node that serves it.
+
+    Raises :class:`UnknownDeviceError` (404) if no live node serves ``device_id``.
+    """
+    node = lab_of(ctx)
+    if node is None or not node.knows(device_id):
+        raise UnknownDeviceError(
+            f"No device found with ID: '{device_id}' on this node or any live node of the lab.")
+    seconds = max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
+    answer = await ctx.run(lambda: node.ask(device_id, op, seconds),
+                           what=f"asking node {node.node_of(device_id)!r} about {device_id!r}",
+                           timeout=timeout)
+    if op == "info" and isinstance(answer, dict):
+        answer = {**answer, "node": node.node_of(device_id)}
+    return answer
 
 
 async def lab_nodes(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
