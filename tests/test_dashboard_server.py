@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -277,3 +279,19 @@ def test_the_history_pages_newest_first(recorded_lab: RunningServer) -> None:
     assert 'data-run="page-00"' in second and 'rel="prev"' in second and 'rel="next"' not in second
     text = httpx.get(f"{open_lab.url}/ui/runs?text=PAGE-1", timeout=TIMEOUT).text
     assert text.count('tr data-run="') == 10  # page-10 .. page-19, case-insensitive
+
+
+def test_the_log_ring_never_hides_a_warning_from_stderr() -> None:
+    # A fresh interpreter: pytest's own logging handlers would stand in for Python's default.
+    script = (
+        "import logging\n"
+        "from labd.web.logbuffer import LogRing\n"
+        "ring = LogRing(); ring.attach()\n"
+        "logging.getLogger('labd.server').warning('still printed %d', 7)\n"
+        "logging.getLogger('labd.server').info('below the level')\n"
+        "print([r['message'] for r in ring.recent()])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stderr.strip() == "still printed 7"
+    assert done.stdout.strip() == "['still printed 7']"

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.responses import HTMLResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
 
+import labd
 from labd.server.sessions import SessionTable
 from labd.web import docs, downloads, signin
 from labd.web.logbuffer import LogRing
@@ -66,6 +67,10 @@ def started(app: FastAPI) -> None:
     ring = getattr(app.state, "labd_log", None)
     if isinstance(ring, LogRing):
         ring.attach()
+        ctx = app.state.labd
+        ring.note("INFO", "labd.server", f"server started: labd {labd.__version__}, "
+                  f"{len(ctx.daemon.device_ids())} device(s), "
+                  f"{'tokens' if ctx.settings.tokens is not None else 'no tokens'}")
 
 
 def stopped(app: FastAPI) -> None:
