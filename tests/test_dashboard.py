@@ -574,6 +574,30 @@ def test_a_signed_in_viewer_follows_a_running_stream(browser: Any, secured: str)
         context.close()
 
 
+def test_a_users_script_lease_survives_their_page(browser: Any, secured: str) -> None:
+    import httpx
+
+    operator = {"Authorization": f"Bearer {TOKENS['operator']}"}
+    lease = httpx.post(f"{secured}/leases", json={"device_ids": ["pm1"], "ttl": 60},
+                       headers=operator, timeout=10).json()
+    context, ui = guarded_page(browser, secured)
+    try:
+        _sign_in(ui, "operator")
+        ui.goto("/ui/devices/pm1")
+        # The same user's lease: their page may command and release it, but does not adopt it.
+        expect(ui.page.get_by_role("button", name="Release control")).to_be_visible()
+        ui.goto("/ui/")
+        expect(ui.page.locator('[data-device="pm1"] td[data-label="Owner"]')).to_contain_text(
+            lease["lease_id"])
+        active = httpx.get(f"{secured}/leases", headers=operator, timeout=10).json()["leases"]
+        assert [entry["status"] for entry in active if entry["lease_id"] == lease["lease_id"]] == [
+            "active"]
+        ui.assert_clean()
+    finally:
+        context.close()
+        httpx.delete(f"{secured}/leases/{lease['lease_id']}", headers=operator, timeout=10)
+
+
 def test_the_login_page_says_when_a_token_is_wrong(browser: Any, secured: str) -> None:
     context, ui = guarded_page(browser, secured)
     try:

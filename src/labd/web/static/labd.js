@@ -168,8 +168,9 @@
     take.hidden = mineLease; take.disabled = !canOperate || othersOwn;
     release.hidden = !mineLease;
     if (breaker) breaker.hidden = !(othersOwn && info.owner_kind === "lease");
-    if (mineLease && !lease) keepLease(info.owner_id);
-    if (!mineLease && lease) dropLease();
+    // Only a lease this page took is renewed and released with it: a lease the same user
+    // holds from a script is theirs to keep, even while they look at this page.
+    if (lease && !(mineLease && info.owner_id === lease.id)) dropLease();
     main.dataset.leaseId = info.owner_kind === "lease" ? info.owner_id : "";
   }
 
