@@ -415,7 +415,7 @@ def test_another_nodes_device_checks_arguments_and_describes_itself(lab: Lab) ->
     a = lab.node("a", "laser")
     b = lab.node("b")
     _see(b, "laser")
-    with pytest.raises(ParameterValidationError, match="laser.set_value()") as bad:
+    with pytest.raises(ParameterValidationError, match=r"laser\.set_value\(\)") as bad:
         b.daemon.call_device("laser", "set_value", ["not a number"])
     assert bad.value.errors and bad.value.errors[0]["parameter"] == "value"
     b.daemon.call_device("laser", "set_value", ["2.5"])  # lax: converted, as over HTTP
