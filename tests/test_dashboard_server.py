@@ -156,9 +156,10 @@ def test_a_browser_asking_for_root_goes_to_the_dashboard(open_lab: RunningServer
 
 
 def test_with_tokens_a_browser_at_root_is_sent_to_sign_in(secured: RunningServer) -> None:
-    html = httpx.get(secured.url, headers={"Accept": "text/html"}, timeout=TIMEOUT)
-    assert html.status_code == 303
-    assert html.headers["location"] == "/ui/login?next=%2Fui%2F"
+    for path in ("/", "/ui"):
+        html = httpx.get(secured.url + path, headers={"Accept": "text/html"}, timeout=TIMEOUT)
+        assert html.status_code == 303, path
+        assert html.headers["location"] == "/ui/login?next=%2Fui%2F"
 
 
 @pytest.mark.parametrize("path", ["/ui/", "/ui/devices/daq1", "/ui/tasks", "/ui/runs",

@@ -165,7 +165,7 @@ def sign_in_redirect(scope: Scope) -> RedirectResponse | None:
     """For a browser's GET of a dashboard page (or of ``/`` as HTML) without a session: a 303
     to ``/ui/login?next=<where it was going>``; None for every other request."""
     path = scope["path"]
-    html_root = path == "/" and "text/html" in _header(scope, b"accept")
+    html_root = path in ("/", "/ui") and "text/html" in _header(scope, b"accept")
     if scope["method"] != "GET" or not (path.startswith("/ui/") or html_root):
         return None
     target = "/ui/" if html_root else path
