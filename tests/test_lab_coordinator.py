@@ -269,3 +269,18 @@ def test_exchange_sends_the_request_and_waits_for_its_reply(engine: Engine) -> N
     responder.join(10)
     assert coordinator.exchange("nobody", b"ping", "k3", 0.05) is None
     assert coordinator.pop_request("nobody", 0.05) == b"ping", "the request was not left for its node"
+
+
+def test_a_node_name_belongs_to_one_live_process(engine: Engine) -> None:
+    from labd.lab import NodeNameConflictError
+
+    coordinator = engine.coordinator
+    coordinator.register("a", {"node": "a"}, ["laser"], 0.3, instance="first")
+    with pytest.raises(NodeNameConflictError, match="'a' is already used by another live"):
+        coordinator.register("a", {"node": "a"}, ["camera"], 15, instance="second")
+    coordinator.unregister("a", ["laser"], instance="second")  # not its entry: nothing happens
+    assert coordinator.node_of("laser") == "a" and coordinator.node_of("camera") is None
+    # the first process died: once its entry expired the name is free again
+    wait_until(lambda: coordinator.node_of("laser") is None, 5, "the first entry to expire")
+    coordinator.register("a", {"node": "a"}, ["camera"], 15, instance="second")
+    assert coordinator.node_of("camera") == "a"

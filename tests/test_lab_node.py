@@ -423,3 +423,12 @@ def test_another_nodes_device_checks_arguments_and_describes_itself(lab: Lab) ->
     methods = {m["name"]: m["kind"] for m in b.ask("laser", "methods")}
     assert methods["set_value"] == "command" and methods["get_value"] == "query"
     assert b.ask("laser", "info")["device_type"] == "Fake"
+
+
+def test_a_second_process_under_a_live_nodes_name_is_refused(lab: Lab) -> None:
+    from labd.lab import NodeNameConflictError
+
+    lab.node("a", "laser")
+    twin = lab.node("a", "camera", start=False)
+    with pytest.raises(NodeNameConflictError, match="'a' is already used"):
+        twin.start()

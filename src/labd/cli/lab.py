@@ -64,7 +64,13 @@ def settings_for_serve(
 
 def join_lab(daemon: Any, settings: LabSettings) -> LabNode:
     """Make ``daemon`` a node of the lab (registered before the server listens)."""
-    from labd.lab import DeviceIdConflictError, EngineUrlError, LabNode, connect_engine
+    from labd.lab import (
+        DeviceIdConflictError,
+        EngineUrlError,
+        LabNode,
+        NodeNameConflictError,
+        connect_engine,
+    )
 
     try:
         coordinator = connect_engine(settings.engine)
@@ -75,7 +81,7 @@ def join_lab(daemon: Any, settings: LabSettings) -> LabNode:
                    own_coordinator=not settings.engine.startswith("memory://"))
     try:
         node.start()
-    except DeviceIdConflictError as exc:
+    except (DeviceIdConflictError, NodeNameConflictError) as exc:
         node.close()
         raise CliError(f"lab: node {settings.node!r} cannot join: {exc}") from None
     if node.engine_error is not None:

@@ -25,6 +25,7 @@ from labd.lab.errors import (
     DeviceIdConflictError,
     EngineUnavailableError,
     EngineUrlError,
+    NodeNameConflictError,
 )
 from labd.lab.local import LocalCoordinator
 from labd.lab.node import LabNode, RemoteDevice
@@ -44,6 +45,7 @@ __all__ = [
     "LabSettings",
     "LabTimings",
     "LocalCoordinator",
+    "NodeNameConflictError",
     "RemoteClaim",
     "RemoteDevice",
     "StreamEntry",

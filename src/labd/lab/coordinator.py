@@ -88,15 +88,18 @@ class Coordinator(Protocol):
     # -- directory -----------------------------------------------------------------------
     def register(
         self, node: str, info: Mapping[str, Any], device_ids: Sequence[str], ttl: float,
+        instance: str = "",
     ) -> None:
         """Register (or refresh) ``node`` and its devices for ``ttl`` seconds, all or none.
 
-        Raises :class:`~labd.lab.errors.DeviceIdConflictError` if another live node holds
-        one of the ids; nothing is registered then.
+        ``instance`` identifies the process: another live instance under the same node name
+        raises :class:`~labd.lab.errors.NodeNameConflictError`; another live node holding one
+        of the ids, :class:`~labd.lab.errors.DeviceIdConflictError`. Nothing is registered then.
         """
 
-    def unregister(self, node: str, device_ids: Sequence[str]) -> None:
-        """Remove ``node`` and those of ``device_ids`` it holds (a clean exit)."""
+    def unregister(self, node: str, device_ids: Sequence[str], instance: str = "") -> None:
+        """Remove ``node`` and those of ``device_ids`` it holds (a clean exit), if ``instance``
+        is the one registered."""
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         """Live nodes and the info each registered."""

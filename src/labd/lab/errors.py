@@ -4,6 +4,7 @@
     └── ClaimLostError          the run's claim expired or was taken over (HTTP 409)
     InvalidArgumentError
     ├── DeviceIdConflictError   a device id another live node already serves
+    ├── NodeNameConflictError   a node name another live process already uses
     └── EngineUrlError          an engine URL that labd refuses (no password off loopback)
     LabDaemonException
     └── EngineUnavailableError  the engine (Redis) cannot be reached (HTTP 503)
@@ -18,6 +19,7 @@ __all__ = [
     "DeviceIdConflictError",
     "EngineUnavailableError",
     "EngineUrlError",
+    "NodeNameConflictError",
 ]
 
 
@@ -38,6 +40,17 @@ class DeviceIdConflictError(InvalidArgumentError):
             "device ids are unique across the lab. Rename the device, or stop it on that node "
             "(its entry leaves the directory within the directory TTL of that node's exit).")
         self.device_id = device_id
+        self.node = node
+
+
+class NodeNameConflictError(InvalidArgumentError):
+    """A node name is already used by another live process of the lab."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(
+            f"Node name {node!r} is already used by another live labd process in this lab; "
+            "node names are unique across the lab. Pass another --node (or [lab] node), or "
+            "stop the other process (its entry expires within the directory TTL).")
         self.node = node
 
 

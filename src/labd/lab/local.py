@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from labd.lab.coordinator import ClaimHolder, ClaimOutcome, ClaimSpec, StreamEntry
-from labd.lab.errors import DeviceIdConflictError
+from labd.lab.errors import DeviceIdConflictError, NodeNameConflictError
 
 __all__ = ["LocalCoordinator"]
 
@@ -46,6 +46,7 @@ class LocalCoordinator:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._nodes: dict[str, _Expiring] = {}
+        self._instances: dict[str, _Expiring] = {}  # node -> the process registered under it
         self._devices: dict[str, _Expiring] = {}  # device id -> node
         self._claims: dict[str, _Expiring] = {}  # device id -> ClaimHolder
         self._fence = 0
@@ -63,20 +64,29 @@ class LocalCoordinator:
     # -- directory -------------------------------------------------------------------------
     def register(
         self, node: str, info: Mapping[str, Any], device_ids: Sequence[str], ttl: float,
+        instance: str = "",
     ) -> None:
         """See :meth:`Coordinator.register`."""
         with self._lock:
+            owner = self._instances.get(node)
+            if owner is not None and owner.alive and owner.value != instance:
+                raise NodeNameConflictError(node)
             for device_id in device_ids:
                 held = self._devices.get(device_id)
                 if held is not None and held.alive and held.value != node:
                     raise DeviceIdConflictError(device_id, held.value)
             self._nodes[node] = _Expiring(dict(info), ttl)
+            self._instances[node] = _Expiring(instance, ttl)
             for device_id in device_ids:
                 self._devices[device_id] = _Expiring(node, ttl)
 
-    def unregister(self, node: str, device_ids: Sequence[str]) -> None:
+    def unregister(self, node: str, device_ids: Sequence[str], instance: str = "") -> None:
         """See :meth:`Coordinator.unregister`."""
         with self._lock:
+            owner = self._instances.get(node)
+            if owner is not None and owner.alive and owner.value != instance:
+                return  # another process uses the name now
+            self._instances.pop(node, None)
             self._nodes.pop(node, None)
             for device_id in device_ids:
                 held = self._devices.get(device_id)
@@ -292,6 +302,7 @@ class LocalCoordinator:
         """
         with self._changed:
             self._nodes.clear()
+            self._instances.clear()
             self._devices.clear()
             self._claims.clear()
             self._waiters.clear()

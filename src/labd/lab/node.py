@@ -22,6 +22,7 @@ import queue
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from labd.errors import DeviceBusyError, UnknownDeviceError, describe_choices
 from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call
 from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
-from labd.lab.errors import DeviceIdConflictError, EngineUnavailableError
+from labd.lab.errors import DeviceIdConflictError, EngineUnavailableError, NodeNameConflictError
 from labd.lab.settings import LabTimings
 from labd.lab.streams import StreamReader, StreamRelay
 from labd.ownership import Actor, ClaimRegistry, Lease, Owner, acting_as, current_actor
@@ -91,6 +92,7 @@ class LabNode:
         self.url = url
         self._own_coordinator = own_coordinator
         self.started_at = time.time()
+        self.instance = uuid.uuid4().hex  # this process, under the node name
         self.engine_error: str | None = None  # why the engine is unreachable, or None
         self.last_heartbeat: float | None = None
         self.conflicts: dict[str, str] = {}  # device id -> the live node that holds it
@@ -124,12 +126,24 @@ class LabNode:
         """Register, join the daemon to the lab and start the threads.
 
         Raises :class:`DeviceIdConflictError` if another live node serves one of this node's
-        device ids; an unreachable engine is not an error (the node starts ``degraded``).
+        device ids, :class:`NodeNameConflictError` if another live process keeps using the
+        node's name (an entry left by a crash is waited out); an unreachable engine is not
+        an error (the node starts ``degraded``).
         """
-        try:
-            self._register()
-        except EngineUnavailableError as exc:
-            self._engine_down(exc)
+        # A node restarted right after a crash finds its old entry: wait until it would have
+        # expired; a name still refreshed after that belongs to another live process.
+        give_up = time.monotonic() + self.timings.directory_ttl + self.timings.heartbeat
+        while True:
+            try:
+                self._register()
+            except EngineUnavailableError as exc:
+                self._engine_down(exc)
+            except NodeNameConflictError:
+                if time.monotonic() >= give_up:
+                    raise
+                self._stop.wait(min(self.timings.heartbeat, 0.5))
+                continue
+            break
         self._registry = self.daemon.join_lab(self, self, self.claims)
         self.claims.start()
         self._workers.start()
@@ -160,7 +174,8 @@ class LabNode:
         if getattr(self.daemon, "lab", None) is self:
             self.daemon.join_lab(None, None, None)
         try:
-            self.coordinator.unregister(self.name, self._local_ids())
+            if self.last_heartbeat is not None:  # never registered: nothing here is ours
+                self.coordinator.unregister(self.name, self._local_ids(), self.instance)
         except EngineUnavailableError:
             pass  # the keys expire by themselves
         if self._own_coordinator:
@@ -189,8 +204,15 @@ class LabNode:
         while True:
             try:
                 self.coordinator.register(self.name, self._info(), self._local_ids(),
-                                          self.timings.directory_ttl)
+                                          self.timings.directory_ttl, self.instance)
                 break
+            except NodeNameConflictError:
+                if not self._started:
+                    raise
+                # Another process took the name while this one could not refresh it (a long
+                # freeze): serve locally, say so, keep trying until the other one leaves.
+                raise EngineUnavailableError(
+                    f"another live process registered as node {self.name!r}") from None
             except DeviceIdConflictError as exc:
                 if not self._started:
                     raise

@@ -21,7 +21,11 @@ import redis.exceptions
 
 from labd.lab import scripts
 from labd.lab.coordinator import ClaimHolder, ClaimOutcome, ClaimSpec, StreamEntry
-from labd.lab.errors import DeviceIdConflictError, EngineUnavailableError
+from labd.lab.errors import (
+    DeviceIdConflictError,
+    EngineUnavailableError,
+    NodeNameConflictError,
+)
 from labd.lab.settings import describe_engine
 
 __all__ = ["RedisCoordinator"]
@@ -89,18 +93,21 @@ class RedisCoordinator:
     # -- directory -------------------------------------------------------------------------
     def register(
         self, node: str, info: Mapping[str, Any], device_ids: Sequence[str], ttl: float,
+        instance: str = "",
     ) -> None:
         """See :meth:`Coordinator.register`."""
         args: list[Arg] = [self.prefix, node, int(ttl * 1000), orjson.dumps(dict(info)),
-                           *device_ids]
+                           instance, *device_ids]
         answer = self._call("register", lambda: self._register(args=args))
         if int(answer[0]) == 0:
             raise DeviceIdConflictError(_text(answer[1]), _text(answer[2]))
+        if int(answer[0]) == 2:
+            raise NodeNameConflictError(node)
 
-    def unregister(self, node: str, device_ids: Sequence[str]) -> None:
+    def unregister(self, node: str, device_ids: Sequence[str], instance: str = "") -> None:
         """See :meth:`Coordinator.unregister`."""
         self._call("unregister",
-                   lambda: self._unregister(args=[self.prefix, node, *device_ids]))
+                   lambda: self._unregister(args=[self.prefix, node, instance, *device_ids]))
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         """See :meth:`Coordinator.nodes` (a SCAN of the node keys; a lab has few)."""

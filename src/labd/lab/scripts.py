@@ -123,26 +123,34 @@ end
 return n
 """
 
-#: ARGV: prefix, node, ttl ms, node info (JSON), device ids... Returns {1} or {0, device,
-#: holder node}: a device id held by another live node refuses the whole registration.
+#: ARGV: prefix, node, ttl ms, node info (JSON), instance, device ids... Returns {1}, {0,
+#: device, holder node} (a device id held by another live node) or {2, node} (the name is
+#: used by another live instance); a refusal registers nothing.
 REGISTER = r"""
-local prefix, node, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-for i = 5, #ARGV do
+local prefix, node, ttl, instance = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
+local owner = redis.call('GET', prefix .. 'instance:' .. node)
+if owner and owner ~= instance then return {2, node} end
+for i = 6, #ARGV do
   local held = redis.call('GET', prefix .. 'dev:' .. ARGV[i])
   if held and held ~= node then return {0, ARGV[i], held} end
 end
 redis.call('SET', prefix .. 'node:' .. node, ARGV[4], 'PX', ttl)
-for i = 5, #ARGV do
+redis.call('SET', prefix .. 'instance:' .. node, instance, 'PX', ttl)
+for i = 6, #ARGV do
   redis.call('SET', prefix .. 'dev:' .. ARGV[i], node, 'PX', ttl)
 end
 return {1}
 """
 
-#: ARGV: prefix, node, device ids... Removes the node and the device keys it holds.
+#: ARGV: prefix, node, instance, device ids... Removes the node and the device keys it holds,
+#: unless another instance uses the name now.
 UNREGISTER = r"""
-local prefix, node = ARGV[1], ARGV[2]
+local prefix, node, instance = ARGV[1], ARGV[2], ARGV[3]
+local owner = redis.call('GET', prefix .. 'instance:' .. node)
+if owner and owner ~= instance then return 0 end
 redis.call('DEL', prefix .. 'node:' .. node)
-for i = 3, #ARGV do
+redis.call('DEL', prefix .. 'instance:' .. node)
+for i = 4, #ARGV do
   local key = prefix .. 'dev:' .. ARGV[i]
   if redis.call('GET', key) == node then redis.call('DEL', key) end
 end
