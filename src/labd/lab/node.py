@@ -32,8 +32,8 @@ from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
 from labd.lab.errors import DeviceIdConflictError, EngineUnavailableError, NodeNameConflictError
 from labd.lab.settings import LabTimings
-from labd.lab.streams import StreamReader, StreamRelay
-from labd.ownership import Actor, ClaimRegistry, Lease, Owner, acting_as, current_actor
+from labd.lab.stream_exchange import StreamExchange
+from labd.ownership import Actor, ClaimRegistry, Lease, Owner, current_actor
 from labd.signatures import signature_of
 from labd.streaming import StreamHub
 from labd.tasks import TaskRun
@@ -101,10 +101,9 @@ class LabNode:
         self._mirrors: dict[str, RemoteClaim] = {}
         self._seen: dict[str, int] = {}  # device id -> highest token seen
         self._mirror_lock = threading.Lock()
-        self._relays: dict[str, StreamRelay] = {}  # this node's devices, read elsewhere
-        self._readers: dict[str, StreamReader] = {}  # other nodes' devices, read here
-        self._stream_lock = threading.Lock()
-        self.stream_maxlen = stream_maxlen
+        self.streams = StreamExchange(
+            daemon, coordinator, self.timings, stream_maxlen, locate=self._locate,
+            request=self._request, notify=self._notify_node)
         self._stop = threading.Event()
         self._kick = threading.Event()
         self.claims = EngineClaims(coordinator, node, self.timings, on_lost=self._claim_lost,
@@ -164,13 +163,7 @@ class LabNode:
             self._notifier.join(timeout)
         self._workers.close(timeout)
         self.claims.close(timeout)
-        with self._stream_lock:
-            readers, self._readers = list(self._readers.values()), {}
-            relays, self._relays = list(self._relays.values()), {}
-        for reader in readers:
-            reader.close()
-        for relay in relays:
-            relay.close()
+        self.streams.close()
         if getattr(self.daemon, "lab", None) is self:
             self.daemon.join_lab(None, None, None)
         try:
@@ -243,7 +236,7 @@ class LabNode:
             try:
                 self._register()
                 self._sweep_mirrors()
-                self._keep_streams()
+                self.streams.keep()
                 backoff = 0.2
             except EngineUnavailableError as exc:
                 self._engine_down(exc)
@@ -306,32 +299,17 @@ class LabNode:
         actor: Actor, timeout: float | None = None,
     ) -> Any:
         """Call ``device_id.method`` on its node as ``actor``, with ``actor``'s claim token."""
-        node = self._directory.get(device_id)
-        if node is None and self.knows(device_id):
-            node = self._directory.get(device_id)
-        if node is None:
-            raise UnknownDeviceError(
-                f"No device found with ID: '{device_id}' on any live node of the lab. Nodes: "
-                f"{describe_choices(self._nodes)}.")
+        node = self._locate(device_id)
         token = self.claims.token_for(actor, device_id)
         run = actor.run
         owner = run.label if run is not None else None
         principal = actor.principal or (run.principal if run is not None else None)
-        request = call_request(device_id, method, args, kwargs, token, principal, owner)
-        return send_call(self.coordinator, node, self.name, request,
-                         self.call_timeout if timeout is None else timeout,
-                         liveness_check=self.timings.heartbeat)
+        return self._request(node, call_request(device_id, method, args, kwargs, token,
+                                                principal, owner), timeout)
 
     def ask(self, device_id: str, op: str, timeout: float | None = None) -> Any:
         """A remote device's ``info`` (its ``GET /devices/{id}``) or ``methods``."""
-        node = self._directory.get(device_id)
-        if node is None and self.knows(device_id):
-            node = self._directory.get(device_id)
-        if node is None:
-            raise UnknownDeviceError(f"No device found with ID: '{device_id}' on any live node.")
-        return send_call(self.coordinator, node, self.name, {"op": op, "device": device_id},
-                         self.call_timeout if timeout is None else timeout,
-                         liveness_check=self.timings.heartbeat)
+        return self._request(self._locate(device_id), {"op": op, "device": device_id}, timeout)
 
     # -- requests from other nodes -------------------------------------------------------------
     def _handle(self, request: dict[str, Any]) -> Any:
@@ -348,15 +326,8 @@ class LabNode:
                 except (DeviceBusyError, UnknownDeviceError):
                     pass  # lost or taken meanwhile; the commands' own checks decide
             return None
-        if op == "stream_open":
-            return self._open_relay(str(request.get("device")), str(request.get("from")),
-                                    request.get("principal"))
-        if op == "stream_keep":  # renews interest only: a stream someone stopped stays stopped
-            self._keep_relay(str(request.get("device")), str(request.get("from")))
-            return None
-        if op == "stream_close":
-            self._close_relay(str(request.get("device")), str(request.get("from")))
-            return None
+        if op in ("stream_open", "stream_keep", "stream_close"):
+            return self.streams.handle(op, request)
         if op == "runs":
             query = request.get("query") or {}
             return self.daemon.runs(query.get("status"), query.get("task_type"),
@@ -527,43 +498,31 @@ class LabNode:
 
     # -- streams -------------------------------------------------------------------------------
     def stream_hub(self, device_id: str) -> StreamHub:
-        """This node's hub of another node's device stream: one reader per stream, shared."""
+        """This node's hub of another node's device stream (see :mod:`labd.lab.streams`)."""
+        return self.streams.hub(device_id)
+
+    def stream_stats(self) -> dict[str, Any]:
+        """Relays (this node's devices read elsewhere) and readers (others' devices read here)."""
+        return self.streams.stats()
+
+    def _locate(self, device_id: str) -> str:
+        """The other node that serves ``device_id``, or :class:`UnknownDeviceError`."""
         node = self._directory.get(device_id)
         if node is None and self.knows(device_id):
             node = self._directory.get(device_id)
         if node is None:
-            raise UnknownDeviceError(f"No device found with ID: '{device_id}' on any live node.")
-        with self._stream_lock:
-            reader = self._readers.get(device_id)
-            if reader is not None and not reader.hub.closed:
-                return reader.hub
-            reader = StreamReader(self.coordinator, device_id, node, self._reader_idle,
-                                  idle_after=max(2 * self.timings.heartbeat, 0.2))
-            self._readers[device_id] = reader
-        reader.start()  # reads from "now" on, before the relay starts: nothing is missed
-        try:
-            send_call(self.coordinator, node, self.name, {
-                "op": "stream_open", "device": device_id, "method": "start_streaming",
-                "principal": current_actor().principal}, self.call_timeout,
-                liveness_check=self.timings.heartbeat)
-        except BaseException:
-            self._drop_reader(reader)
-            raise
-        return reader.hub
+            raise UnknownDeviceError(
+                f"No device found with ID: '{device_id}' on any live node of the lab. Nodes: "
+                f"{describe_choices(self._nodes)}.")
+        return node
 
-    def _drop_reader(self, reader: StreamReader) -> None:
-        with self._stream_lock:
-            if self._readers.get(reader.device_id) is reader:
-                del self._readers[reader.device_id]
-        reader.close()
-
-    def _reader_idle(self, reader: StreamReader) -> None:
-        """No local subscriber for a while, or the stream ended: stop reading, tell its node."""
-        self._drop_reader(reader)
-        if not reader.ended:
-            self._notify_node(reader.node, {"op": "stream_close", "device": reader.device_id})
+    def _request(self, node: str, request: dict[str, Any], timeout: float | None) -> Any:
+        return send_call(self.coordinator, node, self.name, request,
+                         self.call_timeout if timeout is None else timeout,
+                         liveness_check=self.timings.heartbeat)
 
     def _notify_node(self, node: str, request: dict[str, Any]) -> None:
+        """Push a request nobody waits for (a hint); lost if the engine is away."""
         from labd.lab.calls import dumps
 
         try:
@@ -571,60 +530,6 @@ class LabNode:
                 **request, "deadline": time.time() + self.timings.directory_ttl, "from": self.name}))
         except EngineUnavailableError:
             pass  # the other side times out by itself
-
-    def _open_relay(self, device_id: str, reader_node: str, principal: Any) -> dict[str, Any]:
-        """A reader on ``reader_node`` wants ``device_id``'s stream: relay it (started if need be)."""
-        slot = self.daemon.device_slot(device_id)
-        with self._stream_lock:
-            relay = self._relays.get(device_id)
-            if relay is None or not relay.running:  # none yet, or the device's stream ended
-                if relay is not None:
-                    relay.close()
-                if self.daemon.stream_hub(device_id) is None:
-                    with acting_as(Actor(remote=True, principal=principal)):
-                        slot.check_command("start_streaming")  # starting it is a command
-                relay = StreamRelay(
-                    self.coordinator, device_id,
-                    lambda maxsize: self.daemon.subscribe(device_id, maxsize=maxsize),
-                    self.stream_maxlen)
-                self._relays[device_id] = relay
-            relay.readers[reader_node] = time.monotonic() + self.timings.directory_ttl
-            return relay.stats()
-
-    def _keep_relay(self, device_id: str, reader_node: str) -> None:
-        with self._stream_lock:
-            relay = self._relays.get(device_id)
-            if relay is not None and relay.running:
-                relay.readers[reader_node] = time.monotonic() + self.timings.directory_ttl
-
-    def _close_relay(self, device_id: str, reader_node: str) -> None:
-        with self._stream_lock:
-            relay = self._relays.get(device_id)
-            if relay is None:
-                return
-            relay.readers.pop(reader_node, None)
-            if relay.alive():
-                return
-            del self._relays[device_id]
-        relay.close()
-
-    def _keep_streams(self) -> None:
-        """Every heartbeat: renew this node's interest in remote streams; end unread relays."""
-        with self._stream_lock:
-            readers = list(self._readers.values())
-            stale = [r for r in self._relays.values() if not r.alive()]
-            for relay in stale:
-                del self._relays[relay.device_id]
-        for reader in readers:
-            self._notify_node(reader.node, {"op": "stream_keep", "device": reader.device_id})
-        for relay in stale:
-            relay.close()
-
-    def stream_stats(self) -> dict[str, Any]:
-        """Relays (this node's devices read elsewhere) and readers (others' devices read here)."""
-        with self._stream_lock:
-            return {"relays": [r.stats() for r in self._relays.values()],
-                    "readers": [r.stats() for r in self._readers.values()]}
 
     # -- reporting -----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
