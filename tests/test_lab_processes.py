@@ -327,3 +327,39 @@ def _pid(client: Any, node: str) -> int | None:
 
     raw = client.get(f"labd:node:{node}")
     return None if raw is None else int(json.loads(raw)["pid"])
+
+
+@pytest.mark.timeout(90)
+def test_a_device_stream_over_sse_on_another_node(lab: Lab) -> None:
+    import json
+
+    config = lab.config("a", ())
+    config.write_text(config.read_text().replace(
+        "[lab]", '[devices.daq]\ntype = "labd.testing:FakeStreamer"\n\n[lab]'))
+    port = free_port()
+    proc = LabdProcess("serve", str(config), "--port", str(port), "--no-db", "--engine",
+                       lab.engine, "--node", "a", timeout=30)
+    lab.nodes["a"] = a = Node("a", proc, port)
+    a.proc.wait_for("labd serving")
+    (b,) = lab.start(b=())
+    wait_until(lambda: "daq" in _devices(b), 10, "node b to see the daq")
+    payloads: list[Any] = []
+    with b.http.stream("GET", "/stream/devices/daq") as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        wait_until(lambda: a.http.get("/health").json()["lab"]["streams"]["relays"], 10,
+                   "node a to relay the stream")
+        for i in range(5):
+            assert a.call("daq", "push", {"i": i, "trace": [i] * 4}).status_code == 200
+        for line in lines:
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                if event.get("event") == "device_data":
+                    payloads.append(event["payload"])
+            if len(payloads) == 5:
+                break
+        assert payloads == [{"i": i, "trace": [i] * 4} for i in range(5)]
+        # stopped on its own node: the stream ends for the client on node b too
+        assert a.http.post("/devices/daq/stream/stop").status_code == 200
+        for _ in lines:
+            pass  # returns once node b ends the response
