@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Path
 from starlette.responses import Response
 
-from labd.errors import InvalidArgumentError, LabDaemonException
+from labd.errors import InvalidArgumentError, LabDaemonException, UnknownNameError
 from labd.ownership import acting_as
 from labd.secrets import REDACTED, is_secret_name
 from labd.server.auth import Caller, Token
@@ -35,6 +35,7 @@ from labd.server.models import (
     TaskRequest,
     TimeoutQuery,
 )
+from labd.server.routes_lab import cancel_on_other_node, task_on_other_node
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 from labd.signatures import constructor_signature
 from labd.tasks import TaskHandle
@@ -91,7 +92,13 @@ async def list_tasks(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
 
 async def get_task(task_id: TaskIdPath, ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
     """One run: status, progress, parameters, error and result."""
-    handle = ctx.daemon.get_task(task_id)  # an unknown id is 404 before any work starts
+    try:
+        handle = ctx.daemon.get_task(task_id)  # an unknown id is 404 before any work starts
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        # A lab node: another node may have started it (routes_lab; 404 if none did).
+        return json_response(await task_on_other_node(ctx, task_id, timeout))
     body = await ctx.run(lambda: dumps_lenient(_task_info(handle)),
                          what=f"reading task {task_id!r}", timeout=timeout)
     return json_bytes_response(body)
@@ -157,7 +164,14 @@ async def clear_task_error(task_id: TaskIdPath, ctx: Ctx) -> Response:
 
 async def cancel_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
     """Ask the run to stop (a pending run never starts). With tokens: its owner or an admin."""
-    _owned_run(ctx, task_id, caller, "cancel").cancel()
+    try:
+        handle = _owned_run(ctx, task_id, caller, "cancel")
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        await cancel_on_other_node(ctx, task_id, caller)  # another node's run (routes_lab)
+        return json_response({"status": "cancellation_requested", "task_id": task_id})
+    handle.cancel()
     return json_response({"status": "cancellation_requested", "task_id": task_id})
 
 
