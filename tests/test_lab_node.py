@@ -432,3 +432,19 @@ def test_a_second_process_under_a_live_nodes_name_is_refused(lab: Lab) -> None:
     twin = lab.node("a", "camera", start=False)
     with pytest.raises(NodeNameConflictError, match="'a' is already used"):
         twin.start()
+
+
+def test_a_run_is_found_and_cancelled_from_another_node(lab: Lab) -> None:
+    from labd.errors import UnknownTaskError
+
+    a = lab.node("a", "laser")
+    b = lab.node("b")
+    handle = a.daemon.execute_task("sweep", "Drive", device_ids=["laser"], target="laser")
+    b.refresh()
+    node, info = b.find_run("sweep")
+    assert node == "a" and info["node"] == "a" and info["status"] in ("running", "paused")
+    b.cancel_run(node, "sweep")
+    _wait_done(handle)
+    assert handle.status == "cancelled"
+    with pytest.raises(UnknownTaskError, match="'ghost' on this node or any live node"):
+        b.find_run("ghost")

@@ -169,8 +169,14 @@ def test_three_nodes_serve_the_whole_lab_and_a_run_owns_devices_on_two(lab: Lab)
         assert "task 'sweep' on node 'c'" in refused.json()["error"]["message"]
     busy = a.http.post("/leases", json={"device_ids": ["laser"], "owner": "alice"})
     assert busy.status_code == 409 and "on node 'c'" in busy.json()["error"]["message"]
-    assert c.http.post("/tasks/sweep/cancel").status_code == 200
+    # the run is seen and cancelled from another node than the one that started it
+    seen = a.http.get("/tasks/sweep")
+    assert seen.status_code == 200 and seen.json()["node"] == "c", seen.text
+    assert seen.json()["status"] == "running" and seen.json()["device_ids"] == ["laser", "camera"]
+    assert a.http.get("/tasks/nothing").status_code == 404
+    assert b.http.post("/tasks/sweep/cancel").status_code == 200
     wait_until(lambda: _task(c, "sweep")["status"] == "cancelled", 10, "the run to end")
+    assert a.http.get("/tasks/sweep").json()["status"] == "cancelled"
     lease = a.http.post("/leases", json={"device_ids": ["laser", "camera"], "owner": "alice"})
     assert lease.status_code in (200, 201), lease.text
     health = c.http.get("/health").json()

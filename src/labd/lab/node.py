@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from labd.errors import DeviceBusyError, UnknownDeviceError, describe_choices
+from labd.errors import DeviceBusyError, UnknownDeviceError, UnknownTaskError, describe_choices
 from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call
 from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
@@ -328,6 +328,12 @@ class LabNode:
             return None
         if op in ("stream_open", "stream_keep", "stream_close"):
             return self.streams.handle(op, request)
+        if op == "task_info":
+            handle = self.daemon.get_task(str(request.get("task")))
+            return {**handle.info(), "result": handle.result}
+        if op == "task_cancel":
+            self.daemon.get_task(str(request.get("task"))).cancel()
+            return None
         if op == "runs":
             query = request.get("query") or {}
             return self.daemon.runs(query.get("status"), query.get("task_type"),
@@ -495,6 +501,30 @@ class LabNode:
             rows.extend({**row, "node": node} for row in found or [])
         rows.sort(key=lambda row: str(row.get("created_at") or ""), reverse=True)
         return rows[offset:offset + limit]
+
+    def find_run(self, task_id: str, timeout: float = 2.0) -> tuple[str, dict[str, Any]]:
+        """The live node whose run ``task_id`` is, and the run's info (with its ``node``).
+
+        Raises :class:`UnknownTaskError` if no live node answering within ``timeout`` has it.
+        """
+        for node in sorted(self._nodes):
+            if node == self.name:
+                continue
+            try:
+                info = self._request(node, {"op": "task_info", "task": task_id}, timeout)
+            except UnknownTaskError:
+                continue
+            except Exception as exc:  # a node down or frozen: look at the others
+                log.info("lab: node %r did not say whether it has run %r: %s", node, task_id, exc)
+                continue
+            return node, {**info, "node": node}
+        raise UnknownTaskError(
+            f"No task run with id {task_id!r} on this node or any live node of the lab "
+            f"({describe_choices(self._nodes)}).")
+
+    def cancel_run(self, node: str, task_id: str) -> None:
+        """Ask ``node`` to cancel its run ``task_id``."""
+        self._request(node, {"op": "task_cancel", "task": task_id}, None)
 
     # -- streams -------------------------------------------------------------------------------
     def stream_hub(self, device_id: str) -> StreamHub:

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from labd.errors import InvalidArgumentError, UnknownDeviceError
+from labd.errors import InvalidArgumentError, UnknownDeviceError, UnknownTaskError
 from labd.lab import LabNode
 from labd.ownership import Actor
 from labd.server.auth import Token
@@ -23,7 +23,15 @@ from labd.server.errors import Forbidden
 from labd.server.models import Ctx, TimeoutQuery
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 
-__all__ = ["ROUTES", "ask_other_node", "call_on_other_node", "lab_health", "merge_devices"]
+__all__ = [
+    "ROUTES",
+    "ask_other_node",
+    "call_on_other_node",
+    "cancel_on_other_node",
+    "lab_health",
+    "merge_devices",
+    "task_on_other_node",
+]
 
 #: Method names that are queries by labd's naming rule (the remote node decides for sure).
 _QUERY_PREFIXES = ("get_", "is_", "has_", "list_")
@@ -101,6 +109,32 @@ async def ask_other_node(
     if op == "info" and isinstance(answer, dict):
         answer = {**answer, "node": node.node_of(device_id)}
     return answer
+
+
+async def task_on_other_node(
+    ctx: ServerContext, task_id: str, timeout: float | None,
+) -> dict[str, Any]:
+    """``GET /tasks/{id}`` of a run another node started (with its ``node``); 404 if none has it."""
+    node = lab_of(ctx)
+    if node is None:
+        raise UnknownTaskError(f"No task run with id {task_id!r}.")
+    _, info = await ctx.run(lambda: node.find_run(task_id), what=f"finding run {task_id!r}",
+                            timeout=timeout)
+    return info
+
+
+async def cancel_on_other_node(ctx: ServerContext, task_id: str, caller: Token | None) -> None:
+    """``POST /tasks/{id}/cancel`` of a run another node started: its owner or an admin."""
+    node = lab_of(ctx)
+    if node is None:
+        raise UnknownTaskError(f"No task run with id {task_id!r}.")
+    home, info = await ctx.run(lambda: node.find_run(task_id), what=f"finding run {task_id!r}")
+    owner = info.get("owner")
+    if caller is not None and not caller.allows("admin") and owner not in (None, caller.user):
+        raise Forbidden(
+            f"Run {task_id!r} (node {home!r}) belongs to {owner!r}: only {owner!r} or an admin "
+            f"may cancel it, and the token of user {caller.user!r} has {caller.role!r}.")
+    await ctx.run(lambda: node.cancel_run(home, task_id), what=f"cancelling run {task_id!r}")
 
 
 async def lab_nodes(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
