@@ -31,7 +31,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from labd.errors import ErrorRecord, InvalidArgumentError, iso_from_timestamp
+from labd.errors import ErrorRecord, InvalidArgumentError, UnknownNameError, iso_from_timestamp
+from labd.lab import RemoteRun
 from labd.ownership import Actor, acting_as
 from labd.server.auth import Token, current_token
 from labd.server.context import ServerContext, guard_device_code
@@ -39,8 +40,9 @@ from labd.server.encoding import UnserializableResult, dumps, looks_large
 from labd.server.errors import Forbidden, ServerStopping, error_response
 from labd.server.fanout import SHARED_MAXSIZE, ClientBuffer, StreamFanout, StreamFull, fanout_table
 from labd.server.models import Ctx, DeviceIdPath, RemoteActor, TaskIdPath
+from labd.server.routes_lab import run_on_other_node
 from labd.server.routing import RouteSpec
-from labd.streaming import StreamItem, Subscription
+from labd.streaming import StreamHub, StreamItem, Subscription
 from labd.tasks import TaskHandle
 
 __all__ = ["ROUTES"]
@@ -346,10 +348,22 @@ async def stream_task(
     if refused is not None:
         return refused
     after = _resume_after(last_event_id, last_event_id_header)
-    handle = ctx.daemon.get_task(task_id)
+    handle: TaskHandle | RemoteRun
+    remote_hub: StreamHub | None = None
+    try:
+        handle = ctx.daemon.get_task(task_id)
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        # A lab node: another node's run, its stream relayed here (routes_lab; 404 if none).
+        handle, remote_hub = await run_on_other_node(ctx, task_id)
     pump = _Pump(ctx, "task")
 
     async def open_subscription(fanout: StreamFanout) -> None:
+        if remote_hub is not None:
+            fanout.adopt(remote_hub.subscribe(on_ready=fanout.on_ready,
+                                              maxsize=_shared_maxsize(ctx)))
+            return
         fanout.adopt(ctx.daemon.subscribe_task(task_id, on_ready=fanout.on_ready,
                                                maxsize=_shared_maxsize(ctx)))
 
@@ -367,7 +381,7 @@ async def stream_task(
 
 
 def _task_stream_start(
-    pump: _Pump, handle: TaskHandle, after: int | None,
+    pump: _Pump, handle: TaskHandle | RemoteRun, after: int | None,
 ) -> tuple[list[bytes], list[StreamItem]]:
     """Build the first ``state`` frame and the items to send before live ones."""
     task_id = handle.task_id
