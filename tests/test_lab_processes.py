@@ -47,6 +47,7 @@ class Drive:
         while not context.cancel_event.is_set():
             value += 1
             device.set_value(value)
+            context.progress(value, None, f"value {value}")
             context.sleep(self.every)
         return {"status": "cancelled", "last": value}
 '''
@@ -369,3 +370,31 @@ def test_a_device_stream_over_sse_on_another_node(lab: Lab) -> None:
         assert a.http.post("/devices/daq/stream/stop").status_code == 200
         for _ in lines:
             pass  # returns once node b ends the response
+
+
+@pytest.mark.timeout(90)
+def test_a_run_is_followed_over_sse_from_another_node(lab: Lab) -> None:
+    import json
+
+    a, c = lab.start(a=("laser",), c=())
+    wait_until(lambda: "laser" in _devices(c), 10, "node c to see the laser")
+    started = c.http.post("/tasks", json={"task_id": "sweep", "task_type": "Drive", "params": {
+        "device_ids": ["laser"], "target": "laser", "every": 0.05}})
+    assert started.status_code == 201, started.text
+    wait_until(lambda: a.http.get("/tasks/sweep").status_code == 200, 10, "node a to find the run")
+    events: list[dict[str, Any]] = []
+    with a.http.stream("GET", "/stream/tasks/sweep") as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            events.append(json.loads(line[5:]))
+            progress = [e for e in events if e.get("event") == "progress"]
+            if len(progress) == 3:
+                assert a.http.post("/tasks/sweep/cancel").status_code == 200
+            if events[-1].get("event") == "finished":
+                break
+    assert events[0]["event"] == "state" and events[0]["status"] == "running"
+    values = [e["done"] for e in events if e.get("event") == "progress"]
+    assert len(values) >= 3 and values == sorted(values)
+    assert events[-1]["status"] == "cancelled"

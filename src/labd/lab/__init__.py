@@ -28,7 +28,7 @@ from labd.lab.errors import (
     NodeNameConflictError,
 )
 from labd.lab.local import LocalCoordinator
-from labd.lab.node import LabNode, RemoteDevice
+from labd.lab.node import LabNode, RemoteDevice, RemoteRun
 from labd.lab.settings import LabSettings, LabTimings, check_engine_url, lab_settings
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "NodeNameConflictError",
     "RemoteClaim",
     "RemoteDevice",
+    "RemoteRun",
     "StreamEntry",
     "check_engine_url",
     "connect_engine",

@@ -38,7 +38,7 @@ from labd.signatures import signature_of
 from labd.streaming import StreamHub
 from labd.tasks import TaskRun
 
-__all__ = ["LabNode", "RemoteDevice"]
+__all__ = ["LabNode", "RemoteDevice", "RemoteRun"]
 
 log = logging.getLogger("labd.lab")
 
@@ -76,6 +76,28 @@ class RemoteDevice:
         return f"<RemoteDevice {self.device_id!r} on node {self._lab_node.node_of(self.device_id)!r}>"
 
 
+class RemoteRun:
+    """A run another node started, as this node saw it when asked: ``info()``, ``status``."""
+
+    def __init__(self, node: str, info: dict[str, Any]) -> None:
+        self.node = node
+        self.task_id = str(info.get("task_id"))
+        self._info = info
+
+    def info(self) -> dict[str, Any]:
+        """The run's info (``GET /tasks/{id}``) with its ``node``."""
+        return dict(self._info)
+
+    @property
+    def status(self) -> str:
+        """The run's state name when it was asked."""
+        return str(self._info.get("status"))
+
+    def is_running(self) -> bool:
+        """True if it had not ended when asked."""
+        return self.status in ("pending", "running", "paused")
+
+
 class LabNode:
     """One daemon as a node of a lab; see the module docstring."""
 
@@ -102,7 +124,7 @@ class LabNode:
         self._seen: dict[str, int] = {}  # device id -> highest token seen
         self._mirror_lock = threading.Lock()
         self.streams = StreamExchange(
-            daemon, coordinator, self.timings, stream_maxlen, locate=self._locate,
+            daemon, coordinator, node, self.timings, stream_maxlen, locate=self._locate,
             request=self._request, notify=self._notify_node)
         self._stop = threading.Event()
         self._kick = threading.Event()
@@ -521,6 +543,18 @@ class LabNode:
         raise UnknownTaskError(
             f"No task run with id {task_id!r} on this node or any live node of the lab "
             f"({describe_choices(self._nodes)}).")
+
+    def run_stream(self, task_id: str) -> tuple[RemoteRun, StreamHub]:
+        """Another node's run and this node's hub of its progress stream (relayed).
+
+        A run that has ended gets a hub of its own with nothing in it: its record is in the
+        run history (``GET /runs``) of its node.
+        """
+        node, info = self.find_run(task_id)
+        run = RemoteRun(node, info)
+        if not run.is_running():
+            return run, StreamHub(f"{task_id}@{node}")
+        return run, self.streams.task_hub(node, task_id)
 
     def cancel_run(self, node: str, task_id: str) -> None:
         """Ask ``node`` to cancel its run ``task_id``."""

@@ -39,9 +39,9 @@ RELAY_BATCH = 500
 END_OF_STREAM = -1
 
 
-def stream_name(device_id: str) -> str:
-    """The engine stream of a device."""
-    return f"dev:{device_id}"
+def stream_name(source_id: str, kind: str = "dev", node: str = "") -> str:
+    """The engine stream of a device (``dev:<id>``) or of a run (``task:<home node>:<id>``)."""
+    return f"dev:{source_id}" if kind == "dev" else f"task:{node}:{source_id}"
 
 
 class StreamRelay:
@@ -49,9 +49,10 @@ class StreamRelay:
 
     def __init__(
         self, coordinator: Coordinator, device_id: str,
-        subscribe: Callable[[int], Subscription], maxlen: int,
+        subscribe: Callable[[int], Subscription], maxlen: int, name: str | None = None,
     ) -> None:
-        self.device_id = device_id
+        self.device_id = device_id  # or a run's id, for a run's stream
+        self.name = name or stream_name(device_id)
         self._coordinator = coordinator
         self._maxlen = maxlen
         self.engine_dropped = 0  # items lost because the engine did not take them
@@ -70,7 +71,7 @@ class StreamRelay:
         return self._sub.dropped + self.engine_dropped
 
     def _pump(self) -> None:
-        name = stream_name(self.device_id)
+        name = self.name
         sub = self._sub
         while not self._closed.is_set():
             first = sub.get(0.5)
@@ -125,9 +126,10 @@ class StreamReader:
 
     def __init__(
         self, coordinator: Coordinator, device_id: str, node: str,
-        on_idle: Callable[[StreamReader], None], idle_after: float = 2.0,
+        on_idle: Callable[[StreamReader], None], idle_after: float = 2.0, name: str | None = None,
     ) -> None:
-        self.device_id = device_id
+        self.device_id = device_id  # or a run's id, for a run's stream
+        self.name = name or stream_name(device_id)
         self.node = node  # the device's node
         self._coordinator = coordinator
         self._on_idle = on_idle
@@ -148,7 +150,7 @@ class StreamReader:
 
     def _read(self) -> None:
         after = "$"
-        name = stream_name(self.device_id)
+        name = self.name
         idle_since: float | None = None
         while not self._stop.is_set():
             try:

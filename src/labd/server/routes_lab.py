@@ -14,7 +14,7 @@ from typing import Any
 from starlette.responses import Response
 
 from labd.errors import InvalidArgumentError, UnknownDeviceError, UnknownTaskError
-from labd.lab import LabNode
+from labd.lab import LabNode, RemoteRun
 from labd.ownership import Actor
 from labd.server.auth import Token
 from labd.server.context import ServerContext
@@ -22,6 +22,7 @@ from labd.server.encoding import dumps, dumps_lenient
 from labd.server.errors import Forbidden
 from labd.server.models import Ctx, TimeoutQuery
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
+from labd.streaming import StreamHub
 
 __all__ = [
     "ROUTES",
@@ -30,6 +31,7 @@ __all__ = [
     "cancel_on_other_node",
     "lab_health",
     "merge_devices",
+    "run_on_other_node",
     "task_on_other_node",
 ]
 
@@ -121,6 +123,15 @@ async def task_on_other_node(
     _, info = await ctx.run(lambda: node.find_run(task_id), what=f"finding run {task_id!r}",
                             timeout=timeout)
     return info
+
+
+async def run_on_other_node(ctx: ServerContext, task_id: str) -> tuple[RemoteRun, StreamHub]:
+    """``/stream/tasks/{id}`` of a run another node started: the run, and this node's hub of
+    its relayed stream; 404 if no live node has it."""
+    node = lab_of(ctx)
+    if node is None:
+        raise UnknownTaskError(f"No task run with id {task_id!r}.")
+    return await ctx.run(lambda: node.run_stream(task_id), what=f"following run {task_id!r}")
 
 
 async def cancel_on_other_node(ctx: ServerContext, task_id: str, caller: Token | None) -> None:
