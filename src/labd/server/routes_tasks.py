@@ -35,7 +35,7 @@ from labd.server.models import (
     TaskRequest,
     TimeoutQuery,
 )
-from labd.server.routes_lab import cancel_on_other_node, task_on_other_node
+from labd.server.routes_lab import control_on_other_node, task_on_other_node
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 from labd.signatures import constructor_signature
 from labd.tasks import TaskHandle
@@ -169,7 +169,7 @@ async def cancel_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response
     except UnknownNameError:
         if ctx.daemon.lab is None:
             raise
-        await cancel_on_other_node(ctx, task_id, caller)  # another node's run (routes_lab)
+        await control_on_other_node(ctx, task_id, caller, "cancel")  # another node's run
         return json_response({"status": "cancellation_requested", "task_id": task_id})
     handle.cancel()
     return json_response({"status": "cancellation_requested", "task_id": task_id})
@@ -177,13 +177,27 @@ async def cancel_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response
 
 async def pause_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
     """Close the run's pause gate; it blocks at its next checkpoint. Owner or admin."""
-    _owned_run(ctx, task_id, caller, "pause").pause()
+    try:
+        handle = _owned_run(ctx, task_id, caller, "pause")
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        await control_on_other_node(ctx, task_id, caller, "pause")  # another node's run
+        return json_response({"status": "paused", "task_id": task_id})
+    handle.pause()
     return json_response({"status": "paused", "task_id": task_id})
 
 
 async def resume_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
     """Open the run's pause gate again. Owner or admin."""
-    _owned_run(ctx, task_id, caller, "resume").resume()
+    try:
+        handle = _owned_run(ctx, task_id, caller, "resume")
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        await control_on_other_node(ctx, task_id, caller, "resume")  # another node's run
+        return json_response({"status": "resumed", "task_id": task_id})
+    handle.resume()
     return json_response({"status": "resumed", "task_id": task_id})
 
 
