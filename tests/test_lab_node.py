@@ -443,7 +443,13 @@ def test_a_run_is_found_and_cancelled_from_another_node(lab: Lab) -> None:
     b.refresh()
     node, info = b.find_run("sweep")
     assert node == "a" and info["node"] == "a" and info["status"] in ("running", "paused")
-    b.cancel_run(node, "sweep")
+    b.control_run(node, "sweep", "pause")
+    wait_until(lambda: handle.is_paused(), 5, "the run to pause")
+    b.control_run(node, "sweep", "resume")
+    wait_until(lambda: not handle.is_paused(), 5, "the run to resume")
+    with pytest.raises(InvalidArgumentError, match="action must be one of"):
+        b.control_run(node, "sweep", "explode")
+    b.control_run(node, "sweep", "cancel")
     _wait_done(handle)
     assert handle.status == "cancelled"
     with pytest.raises(UnknownTaskError, match="'ghost' on this node or any live node"):

@@ -175,6 +175,10 @@ def test_three_nodes_serve_the_whole_lab_and_a_run_owns_devices_on_two(lab: Lab)
     assert seen.status_code == 200 and seen.json()["node"] == "c", seen.text
     assert seen.json()["status"] == "running" and seen.json()["device_ids"] == ["laser", "camera"]
     assert a.http.get("/tasks/nothing").status_code == 404
+    assert a.http.post("/tasks/sweep/pause").status_code == 200
+    wait_until(lambda: _task(c, "sweep")["status"] == "paused", 10, "the run to pause")
+    assert b.http.post("/tasks/sweep/resume").status_code == 200
+    wait_until(lambda: _task(c, "sweep")["status"] == "running", 10, "the run to resume")
     assert b.http.post("/tasks/sweep/cancel").status_code == 200
     wait_until(lambda: _task(c, "sweep")["status"] == "cancelled", 10, "the run to end")
     assert a.http.get("/tasks/sweep").json()["status"] == "cancelled"

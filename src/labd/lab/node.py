@@ -26,7 +26,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from labd.errors import DeviceBusyError, UnknownDeviceError, UnknownTaskError, describe_choices
+from labd.errors import (
+    DeviceBusyError,
+    InvalidArgumentError,
+    UnknownDeviceError,
+    UnknownTaskError,
+    describe_choices,
+)
 from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call
 from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
@@ -41,6 +47,9 @@ from labd.tasks import TaskRun
 __all__ = ["LabNode", "RemoteDevice", "RemoteRun"]
 
 log = logging.getLogger("labd.lab")
+
+#: What another node may ask of a run (the TaskHandle methods of the same names).
+_RUN_ACTIONS = frozenset({"cancel", "pause", "resume"})
 
 
 def _version() -> str:
@@ -353,8 +362,12 @@ class LabNode:
         if op == "task_info":
             handle = self.daemon.get_task(str(request.get("task")))
             return {**handle.info(), "result": handle.result}
-        if op == "task_cancel":
-            self.daemon.get_task(str(request.get("task"))).cancel()
+        if op == "task_control":
+            handle = self.daemon.get_task(str(request.get("task")))
+            action = request.get("action")
+            if action not in _RUN_ACTIONS:
+                raise InvalidArgumentError(f"Unknown run action {action!r}.")
+            getattr(handle, str(action))()
             return None
         if op == "runs":
             query = request.get("query") or {}
@@ -556,9 +569,11 @@ class LabNode:
             return run, StreamHub(f"{task_id}@{node}")
         return run, self.streams.task_hub(node, task_id)
 
-    def cancel_run(self, node: str, task_id: str) -> None:
-        """Ask ``node`` to cancel its run ``task_id``."""
-        self._request(node, {"op": "task_cancel", "task": task_id}, None)
+    def control_run(self, node: str, task_id: str, action: str) -> None:
+        """Ask ``node`` to ``cancel``, ``pause`` or ``resume`` its run ``task_id``."""
+        if action not in _RUN_ACTIONS:
+            raise InvalidArgumentError(f"action must be one of {sorted(_RUN_ACTIONS)}, got {action!r}")
+        self._request(node, {"op": "task_control", "task": task_id, "action": action}, None)
 
     # -- streams -------------------------------------------------------------------------------
     def stream_hub(self, device_id: str) -> StreamHub:

@@ -28,7 +28,7 @@ __all__ = [
     "ROUTES",
     "ask_other_node",
     "call_on_other_node",
-    "cancel_on_other_node",
+    "control_on_other_node",
     "lab_health",
     "merge_devices",
     "run_on_other_node",
@@ -134,8 +134,11 @@ async def run_on_other_node(ctx: ServerContext, task_id: str) -> tuple[RemoteRun
     return await ctx.run(lambda: node.run_stream(task_id), what=f"following run {task_id!r}")
 
 
-async def cancel_on_other_node(ctx: ServerContext, task_id: str, caller: Token | None) -> None:
-    """``POST /tasks/{id}/cancel`` of a run another node started: its owner or an admin."""
+async def control_on_other_node(
+    ctx: ServerContext, task_id: str, caller: Token | None, action: str,
+) -> None:
+    """``POST /tasks/{id}/cancel|pause|resume`` of a run another node started: its owner or
+    an admin."""
     node = lab_of(ctx)
     if node is None:
         raise UnknownTaskError(f"No task run with id {task_id!r}.")
@@ -144,8 +147,9 @@ async def cancel_on_other_node(ctx: ServerContext, task_id: str, caller: Token |
     if caller is not None and not caller.allows("admin") and owner not in (None, caller.user):
         raise Forbidden(
             f"Run {task_id!r} (node {home!r}) belongs to {owner!r}: only {owner!r} or an admin "
-            f"may cancel it, and the token of user {caller.user!r} has {caller.role!r}.")
-    await ctx.run(lambda: node.cancel_run(home, task_id), what=f"cancelling run {task_id!r}")
+            f"may {action} it, and the token of user {caller.user!r} has {caller.role!r}.")
+    await ctx.run(lambda: node.control_run(home, task_id, action),
+                  what=f"{action} run {task_id!r} on node {home!r}")
 
 
 async def lab_nodes(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
