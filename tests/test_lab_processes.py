@@ -96,12 +96,13 @@ class Lab:
         path.write_text("\n".join(lines) + "\n" + LAB_TABLE)
         return path
 
-    def start(self, **nodes: tuple[str, ...]) -> list[Node]:
+    def start(self, *extra: str, **nodes: tuple[str, ...]) -> list[Node]:
         started = []
         for name, devices in nodes.items():
             port = free_port()
             proc = LabdProcess("serve", str(self.config(name, devices)), "--port", str(port),
-                               "--no-db", "--engine", self.engine, "--node", name, timeout=30)
+                               "--no-db", "--engine", self.engine, "--node", name, *extra,
+                               timeout=30)
             self.nodes[name] = node = Node(name, proc, port)
             started.append(node)
         for node in started:
@@ -402,3 +403,26 @@ def test_a_run_is_followed_over_sse_from_another_node(lab: Lab) -> None:
     values = [e["done"] for e in events if e.get("event") == "progress"]
     assert len(values) >= 3 and values == sorted(values)
     assert events[-1]["status"] == "cancelled"
+
+
+def test_a_viewer_on_another_node_may_query_but_not_command(lab: Lab) -> None:
+    viewer, operator = "v" * 32, "o" * 32
+    tokens = lab.tmp_path / "tokens.toml"
+    tokens.write_text(f'''[tokens]
+"{viewer}" = {{ user = "vera", role = "viewer" }}
+"{operator}" = {{ user = "otto", role = "operator" }}
+''')
+    _, b = lab.start("--tokens", str(tokens), a=("laser",), b=())
+    as_viewer = {"Authorization": f"Bearer {viewer}"}
+    as_operator = {"Authorization": f"Bearer {operator}"}
+    wait_until(lambda: b.http.get("/devices", headers=as_viewer).json()["devices"], 10,
+               "node b to see the laser")
+    query = b.http.post("/devices/laser/call", json={"method": "get_value"}, headers=as_viewer)
+    assert query.status_code == 200, query.text
+    command = b.http.post("/devices/laser/call", json={"method": "set_value", "args": [1]},
+                          headers=as_viewer)
+    assert command.status_code == 403, command.text
+    assert "set_value() is a command" in command.json()["error"]["message"]
+    allowed = b.http.post("/devices/laser/call", json={"method": "set_value", "args": [1]},
+                          headers=as_operator)
+    assert allowed.status_code == 200, allowed.text

@@ -26,6 +26,7 @@ from labd.lab.errors import (
     EngineUnavailableError,
     EngineUrlError,
     NodeNameConflictError,
+    QueriesOnlyError,
 )
 from labd.lab.local import LocalCoordinator
 from labd.lab.node import LabNode, RemoteDevice, RemoteRun
@@ -46,6 +47,7 @@ __all__ = [
     "LabTimings",
     "LocalCoordinator",
     "NodeNameConflictError",
+    "QueriesOnlyError",
     "RemoteClaim",
     "RemoteDevice",
     "RemoteRun",

@@ -220,11 +220,12 @@ class RequestWorkers:
 
 def call_request(
     device_id: str, method: str, args: Sequence[Any], kwargs: Mapping[str, Any],
-    token: int | None, principal: str | None, owner: str | None,
+    token: int | None, principal: str | None, owner: str | None, queries_only: bool = False,
 ) -> dict[str, Any]:
-    """The request for one method call."""
+    """The request for one method call (``queries_only``: the device's node refuses commands)."""
     return {"op": "call", "device": device_id, "method": method, "args": list(args),
-            "kwargs": dict(kwargs), "token": token, "principal": principal, "owner": owner}
+            "kwargs": dict(kwargs), "token": token, "principal": principal, "owner": owner,
+            "queries_only": queries_only}
 
 
 def claim_lost(device_id: str, token: int, why: str) -> ClaimLostError:

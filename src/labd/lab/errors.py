@@ -7,7 +7,8 @@
     ├── NodeNameConflictError   a node name another live process already uses
     └── EngineUrlError          an engine URL that labd refuses (no password off loopback)
     LabDaemonException
-    └── EngineUnavailableError  the engine (Redis) cannot be reached (HTTP 503)
+    ├── EngineUnavailableError  the engine (Redis) cannot be reached (HTTP 503)
+    └── QueriesOnlyError        a caller allowed queries only sent a command (the server: 403)
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ __all__ = [
     "EngineUnavailableError",
     "EngineUrlError",
     "NodeNameConflictError",
+    "QueriesOnlyError",
 ]
 
 
 class EngineUnavailableError(LabDaemonException):
     """The lab's engine cannot be reached; the node keeps serving its own devices."""
+
+
+class QueriesOnlyError(LabDaemonException):
+    """A call marked queries-only (a viewer's, through another node) named a command."""
 
 
 class ClaimLostError(DeviceBusyError):

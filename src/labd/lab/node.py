@@ -36,7 +36,12 @@ from labd.errors import (
 from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call
 from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
-from labd.lab.errors import DeviceIdConflictError, EngineUnavailableError, NodeNameConflictError
+from labd.lab.errors import (
+    DeviceIdConflictError,
+    EngineUnavailableError,
+    NodeNameConflictError,
+    QueriesOnlyError,
+)
 from labd.lab.settings import LabTimings
 from labd.lab.stream_exchange import StreamExchange
 from labd.ownership import Actor, ClaimRegistry, Lease, Owner, current_actor
@@ -327,16 +332,20 @@ class LabNode:
 
     def call(
         self, device_id: str, method: str, args: Sequence[Any], kwargs: Mapping[str, Any],
-        actor: Actor, timeout: float | None = None,
+        actor: Actor, timeout: float | None = None, *, queries_only: bool = False,
     ) -> Any:
-        """Call ``device_id.method`` on its node as ``actor``, with ``actor``'s claim token."""
+        """Call ``device_id.method`` on its node as ``actor``, with ``actor``'s claim token.
+
+        ``queries_only``: the device's node refuses a command (:class:`QueriesOnlyError`); the
+        server sets it for a viewer's token, since only that node knows query from command.
+        """
         node = self._locate(device_id)
         token = self.claims.token_for(actor, device_id)
         run = actor.run
         owner = run.label if run is not None else None
         principal = actor.principal or (run.principal if run is not None else None)
         return self._request(node, call_request(device_id, method, args, kwargs, token,
-                                                principal, owner), timeout)
+                                                principal, owner, queries_only), timeout)
 
     def ask(self, device_id: str, op: str, timeout: float | None = None) -> Any:
         """A remote device's ``info`` (its ``GET /devices/{id}``) or ``methods``."""
@@ -386,6 +395,10 @@ class LabNode:
         slot = self.daemon.device_slot(device_id)  # 404 for an id this node no longer serves
         mirror = None
         if slot.kinds.get(method) == "command":
+            if request.get("queries_only"):
+                raise QueriesOnlyError(
+                    f"{device_id}.{method}() is a command and needs the 'operator' role; the "
+                    "caller may call query methods only.")
             if token is not None:
                 mirror = self._admit(device_id, int(token))
             else:

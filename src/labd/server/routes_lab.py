@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from labd.errors import InvalidArgumentError, UnknownDeviceError, UnknownTaskError
 from labd.lab import LabNode, RemoteRun
+from labd.lab.errors import QueriesOnlyError
 from labd.ownership import Actor
 from labd.server.auth import Token
 from labd.server.context import ServerContext
@@ -35,8 +36,6 @@ __all__ = [
     "task_on_other_node",
 ]
 
-#: Method names that are queries by labd's naming rule (the remote node decides for sure).
-_QUERY_PREFIXES = ("get_", "is_", "has_", "list_")
 _STREAM_CONTROL = frozenset({"start_streaming", "stop_streaming"})
 #: Margin left of the request timeout for the reply to travel back.
 _REPLY_MARGIN_S = 0.05
@@ -79,18 +78,26 @@ async def call_on_other_node(
         raise InvalidArgumentError(
             f"{device_id}.{method}() cannot be called through POST /devices/{{id}}/call: the "
             "server runs the device's stream.")
-    if token is not None and not token.allows("operator") and not method.startswith(_QUERY_PREFIXES):
-        raise Forbidden(
-            f"{device_id}.{method}() on node {node.node_of(device_id)!r} may be a command and "
-            f"needs the 'operator' role; the token of user {token.user!r} has {token.role!r}.")
+    # Only the device's node knows query from command: a viewer's call goes marked, and a
+    # command comes back refused (403, as a local /call answers).
+    queries_only = token is not None and not token.allows("operator")
     seconds = max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
     what = f"{device_id}.{method}() on node {node.node_of(device_id)!r}"
 
     def job() -> bytes:
-        result = node.call(device_id, method, args, kwargs, actor, timeout=seconds)
+        result = node.call(device_id, method, args, kwargs, actor, timeout=seconds,
+                           queries_only=queries_only)
         return b'{"result":' + dumps(result, f"the result of {what}") + b',"success":true}'
 
-    return await ctx.run(job, what=what, timeout=timeout)
+    try:
+        return await ctx.run(job, what=what, timeout=timeout)
+    except QueriesOnlyError as exc:
+        assert token is not None
+        refused = Forbidden(f"{exc} The token of user {token.user!r} has {token.role!r}. Ask "
+                            "the lab's admin for an operator token.")
+        refused.labd_context = {  # type: ignore[attr-defined]
+            "required_role": "operator", "role": token.role, "user": token.user}
+        raise refused from None
 
 
 async def ask_other_node(
