@@ -184,9 +184,13 @@ class EngineClaims:
         """Give back ``owner``'s engine claim; never raises (an unreleased claim expires)."""
         with self._lock:
             held = self._held.pop(id(owner), None)
-            self._lost.pop(id(owner), None)
+            lost = self._lost.pop(id(owner), None)
         if owner.fence is not None:
             owner.fence = None
+        # A lost claim is given back too: if the engine still has it (lost to a deadline,
+        # not to a takeover) its devices are free now instead of at its expiry. The script
+        # deletes only claims that still carry this token.
+        held = held or lost
         if held is None:
             return
         try:
