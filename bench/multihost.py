@@ -216,6 +216,40 @@ def bench_floor(lab: Lab, samples: int) -> dict[str, Any]:
             "list_roundtrip_p50_us": round(percentile(times, 0.5), 1)}
 
 
+def bench_inproc(samples: int) -> dict[str, Any]:
+    """labd's own share of a call to another node: two nodes in this process on the
+    in-process coordinator (no engine, no sockets), against a call on the same node."""
+    import labd
+    from labd.lab import LabNode, LocalCoordinator
+    from labd.testing import FakeDevice
+
+    coordinator = LocalCoordinator()
+    here, there = labd.LabDaemon(), labd.LabDaemon()
+    here.register_plugins(devices={"Fake": FakeDevice})
+    here.add_device("x", "Fake")
+    a = LabNode(here, coordinator, "a", own_coordinator=False, workers=1)
+    b = LabNode(there, coordinator, "b", own_coordinator=False)
+    a.start()
+    b.start()
+    b.refresh()
+    figures = {}
+    try:
+        for label, daemon in (("same_node", here), ("other_node", there)):
+            times = []
+            for i in range(samples + 200):
+                started = time.perf_counter()
+                daemon.call_device("x", "get_value")
+                if i >= 200:
+                    times.append((time.perf_counter() - started) * 1e6)
+            figures[f"{label}_p50_us"] = round(percentile(times, 0.5), 1)
+    finally:
+        for daemon in (there, here):
+            daemon.shutdown()
+        b.close()
+        a.close()
+    return figures
+
+
 def _gateway(lab: Lab, name: str = "bench") -> Any:
     import labd
     from labd.lab import LabNode, connect_engine
@@ -368,6 +402,7 @@ def main() -> None:
             lab.start()
             figures = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
             for name, run in (("floor", lambda: bench_floor(lab, args.samples)),
+                              ("inproc", lambda: bench_inproc(args.samples)),
                               ("call", lambda: bench_call(lab, args.samples)),
                               ("claim", lambda: bench_claim(lab, args.samples)),
                               ("stream", lambda: bench_stream(lab, args.stream_seconds)),
