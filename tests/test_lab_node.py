@@ -105,7 +105,7 @@ class Lab:
         for device_id in device_ids:
             daemon.add_device(device_id, "Fake")
         coordinator = self.connect()
-        node = LabNode(daemon, coordinator, name, timings=FAST, workers=2,
+        node = LabNode(daemon, coordinator, name, timings=kw.pop("timings", FAST), workers=2,
                        own_coordinator=not isinstance(coordinator, LocalCoordinator), **kw)
         self.nodes.append(node)
         if start:
@@ -454,3 +454,15 @@ def test_a_run_is_found_and_cancelled_from_another_node(lab: Lab) -> None:
     assert handle.status == "cancelled"
     with pytest.raises(UnknownTaskError, match="'ghost' on this node or any live node"):
         b.find_run("ghost")
+
+
+def test_directory_changes_reach_other_nodes_before_their_next_heartbeat(lab: Lab) -> None:
+    slow = LabTimings(directory_ttl=30.0, heartbeat=10.0)  # a heartbeat the test never waits for
+    a = lab.node("a", "laser", timings=slow)
+    b = lab.node("b", "camera", timings=slow)
+    wait_until(lambda: a.node_of("camera") == "b", 5, "node a to hear of node b's devices")
+    b.daemon.add_device("daq", "Fake")  # added at run time: registered and announced at once
+    wait_until(lambda: a.node_of("daq") == "b", 5, "node a to hear of the new device")
+    b.daemon.shutdown()
+    b.close()
+    wait_until(lambda: a.node_of("camera") is None, 5, "node a to hear that node b left")

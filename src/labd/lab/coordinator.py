@@ -13,7 +13,7 @@ request and reply lists. Anything durable stays in each node's SQLite.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -109,6 +109,10 @@ class Coordinator(Protocol):
 
     def publish(self, event: Mapping[str, Any]) -> None:
         """Send an event to whoever listens (a lossy hint; the keys are the truth)."""
+
+    def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event published from now on (on a thread of the
+        coordinator's); returns the function that stops listening. Events may be lost."""
 
     # -- claims --------------------------------------------------------------------------
     def claim(

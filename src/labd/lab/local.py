@@ -11,6 +11,7 @@ clock in µs, expiring keys) so the same behaviour tests run against both.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from labd.lab.coordinator import ClaimHolder, ClaimOutcome, ClaimSpec, StreamEnt
 from labd.lab.errors import DeviceIdConflictError, NodeNameConflictError
 
 __all__ = ["LocalCoordinator"]
+
+log = logging.getLogger("labd.lab")
 
 
 class _Expiring:
@@ -107,11 +110,21 @@ class LocalCoordinator:
     def publish(self, event: Mapping[str, Any]) -> None:
         """Call every listener (in-process subscribers of the event channel)."""
         for listener in list(self._listeners):
-            listener(dict(event))
+            try:
+                listener(dict(event))
+            except Exception:
+                log.exception("lab: an event listener failed")
 
-    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
-        """Receive published events (the in-process stand-in for Redis pub/sub)."""
-        self._listeners.append(listener)
+    def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """See :meth:`Coordinator.listen` (called on the publisher's thread here)."""
+        self._listeners.append(callback)
+
+        def stop() -> None:
+            try:
+                self._listeners.remove(callback)
+            except ValueError:
+                pass
+        return stop
 
     # -- claims ----------------------------------------------------------------------------
     def _live_claim(self, device_id: str) -> ClaimHolder | None:

@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from labd.errors import (
@@ -46,7 +46,7 @@ from labd.lab.settings import LabTimings
 from labd.lab.stream_exchange import StreamExchange
 from labd.ownership import Actor, ClaimRegistry, Lease, Owner, current_actor
 from labd.signatures import signature_of
-from labd.streaming import StreamHub
+from labd.streaming import StreamHub, Subscription
 from labd.tasks import TaskRun
 
 __all__ = ["LabNode", "RemoteDevice", "RemoteRun"]
@@ -153,6 +153,9 @@ class LabNode:
         self._notifier = threading.Thread(target=self._send_notices,
                                           name=f"labd-lab-notify-{node}", daemon=True)
         self._registry: ClaimRegistry | None = None
+        self._stop_listening: Callable[[], None] | None = None
+        self._daemon_events: Subscription | None = None
+        self._announced: list[Any] | None = None  # the device summary last announced
         self._started = False
         self._closed = False
 
@@ -180,6 +183,12 @@ class LabNode:
                 continue
             break
         self._registry = self.daemon.join_lab(self, self, self.claims)
+        self._stop_listening = self.coordinator.listen(self._on_event)
+        # A device added or removed here is registered (or dropped) at once, not at the next
+        # heartbeat.
+        self._daemon_events = self.daemon.events.subscribe(
+            self._on_daemon_event, maxsize=64, name=f"labd-lab-devices-{self.name}")
+        self._announce()
         self.claims.start()
         self._workers.start()
         self._notifier.start()
@@ -193,6 +202,10 @@ class LabNode:
         self._closed = True
         self._stop.set()
         self._kick.set()
+        if self._stop_listening is not None:
+            self._stop_listening()
+        if self._daemon_events is not None:
+            self._daemon_events.close()
         if self._started:
             self._heartbeat.join(timeout)
             self._notices.put(None)
@@ -205,6 +218,7 @@ class LabNode:
         try:
             if self.last_heartbeat is not None:  # never registered: nothing here is ours
                 self.coordinator.unregister(self.name, self._local_ids(), self.instance)
+                self._announce()
         except EngineUnavailableError:
             pass  # the keys expire by themselves
         if self._own_coordinator:
@@ -265,12 +279,34 @@ class LabNode:
                 directory[str(device.get("device_id"))] = name
         self._nodes, self._directory = nodes, directory
 
+    def _announce(self) -> None:
+        """Tell the other nodes the directory changed (a lossy hint: they re-read it now)."""
+        try:
+            self.coordinator.publish({"event": "directory_changed", "node": self.name})
+        except EngineUnavailableError:
+            pass  # they re-read it at their next heartbeat anyway
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "directory_changed" and event.get("node") != self.name:
+            self._kick.set()  # register and re-read the directory now, not at the heartbeat
+
+    def _on_daemon_event(self, event: Any) -> None:
+        if isinstance(event, dict) and event.get("event") in ("device_added", "device_removed"):
+            self._kick.set()
+
+    def _announce_changes(self) -> None:
+        summary = [(d["device_id"], d["device_type"]) for d in self._info()["devices"]]
+        if summary != self._announced:
+            self._announced = summary
+            self._announce()
+
     def _heartbeat_loop(self) -> None:
         backoff = 0.2
         while not self._stop.is_set():
             wait = self.timings.heartbeat
             try:
                 self._register()
+                self._announce_changes()
                 self._sweep_mirrors()
                 self.streams.keep()
                 backoff = 0.2

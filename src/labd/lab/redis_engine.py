@@ -12,6 +12,8 @@ Redis Streams (``XADD MAXLEN ~``). Every connection is outbound from the node.
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -29,6 +31,8 @@ from labd.lab.errors import (
 from labd.lab.settings import describe_engine
 
 __all__ = ["RedisCoordinator"]
+
+log = logging.getLogger("labd.lab")
 
 T = TypeVar("T")
 Arg = bytes | str | int | float
@@ -133,6 +137,50 @@ class RedisCoordinator:
         """See :meth:`Coordinator.publish` (Redis pub/sub on ``<prefix>events``)."""
         self._call("publish", lambda: self._client.publish(f"{self.prefix}events",
                                                             orjson.dumps(dict(event))))
+
+    def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """See :meth:`Coordinator.listen`: one thread on Redis pub/sub, resubscribing after an
+        engine outage (events sent meanwhile are lost, as hints may be)."""
+        stop = threading.Event()
+        channel = f"{self.prefix}events"
+
+        def run() -> None:
+            backoff = 0.2
+            while not stop.is_set():
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                try:
+                    pubsub.subscribe(channel)
+                    backoff = 0.2
+                    while not stop.is_set():
+                        message = pubsub.get_message(timeout=0.5)
+                        if message is not None and message.get("type") == "message":
+                            try:
+                                callback(orjson.loads(message["data"]))
+                            except Exception:
+                                log.exception("lab: an event listener failed")
+                except (*_ENGINE_ERRORS, redis.exceptions.RedisError) as exc:
+                    # Away, or an ACL without SUBSCRIBE: the hints are lost, the heartbeat
+                    # still re-reads the directory.
+                    log.debug("lab: event channel unavailable: %r", exc)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                finally:
+                    try:
+                        pubsub.close()
+                    except (*_ENGINE_ERRORS, redis.exceptions.RedisError):
+                        pass
+
+        thread = threading.Thread(target=run, name="labd-lab-events", daemon=True)
+        thread.start()
+
+        def stop_listening() -> None:
+            stop.set()
+            try:  # wakes the listener's blocking read at once
+                self._client.publish(channel, b'{"event": "wake"}')
+            except (*_ENGINE_ERRORS, redis.exceptions.RedisError):
+                pass  # it notices within its 0.5 s read timeout
+            thread.join(2.0)
+        return stop_listening
 
     # -- claims ----------------------------------------------------------------------------
     def claim(
