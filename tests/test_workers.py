@@ -95,3 +95,33 @@ def test_jobs_still_run_after_the_process_cpu_set_changes() -> None:
     finally:
         os.sched_setaffinity(0, before)
         assert pool.close(timeout=WAIT_S) == []
+
+
+@POOLS
+def test_a_job_submitted_as_an_idle_timeout_fires_runs_and_the_pool_keeps_working(
+    pool_class: type,
+) -> None:
+    """A submit can take an idle worker just as its idle timeout fires. The worker then runs
+    the job it was given; the wake-up it was sent must not break a later submit (it once
+    raised RuntimeError('release unlocked lock'), which execute_task reported as a closed
+    daemon). Stressed with a 1 ms idle timeout and a thread switch after every bytecode."""
+    import random
+    import sys
+    import time
+
+    jitter = random.Random(7)
+    pool = pool_class(name="t-timeout-race", max_idle=1, idle_timeout=0.001)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for index in range(3_000):
+            done = threading.Event()
+            pool.submit(done.set)
+            assert done.wait(WAIT_S), f"job {index} never ran"
+            # Spin (a sleep's wake-up is too coarse) until about when the idle timeout fires.
+            until = time.perf_counter() + jitter.uniform(0.0008, 0.0013)
+            while time.perf_counter() < until:
+                pass
+    finally:
+        sys.setswitchinterval(interval)
+        assert pool.close(timeout=WAIT_S) == []

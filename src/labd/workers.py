@@ -196,7 +196,13 @@ class AffineWorkerPool:
         # Outside the mutex: a worker woken while we still held it would block on the mutex
         # to re-idle and lose the race to our next submit (one new thread per job).
         self._wake_here(worker)
-        worker.gate.release()
+        try:
+            worker.gate.release()
+        except RuntimeError:
+            # Already released: this worker woke at its idle timeout just as an earlier submit
+            # took it, and that submit's wake-up is still unused. Its next acquire returns at
+            # once and finds this job, assigned above under the mutex (nothing is lost).
+            pass
 
     def _wake_here(self, worker: _Worker) -> None:
         if self._all_cpus is None or _SCHED_GETCPU is None or worker.tid is None:
