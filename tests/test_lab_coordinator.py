@@ -284,3 +284,25 @@ def test_a_node_name_belongs_to_one_live_process(engine: Engine) -> None:
     wait_until(lambda: coordinator.node_of("laser") is None, 5, "the first entry to expire")
     coordinator.register("a", {"node": "a"}, ["camera"], 15, instance="second")
     assert coordinator.node_of("camera") == "a"
+
+
+def test_published_events_reach_listeners_until_they_stop(engine: Engine) -> None:
+    coordinator = engine.coordinator
+    got: list[dict[str, object]] = []
+    arrived = threading.Event()
+
+    def listener(event: dict[str, object]) -> None:
+        got.append(event)
+        arrived.set()
+
+    stop = coordinator.listen(listener)
+    try:
+        # pub/sub only delivers to subscribers already there: publish until one arrives
+        wait_until(lambda: coordinator.publish({"event": "directory_changed", "node": "a"})
+                   or arrived.wait(0.05), 5, "the first event")
+        assert got[0] == {"event": "directory_changed", "node": "a"}
+    finally:
+        stop()
+    count = len(got)
+    coordinator.publish({"event": "directory_changed", "node": "b"})
+    assert all(event.get("node") != "b" for event in got[count:]), "a stopped listener got an event"
