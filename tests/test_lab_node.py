@@ -88,7 +88,11 @@ def connect(request: pytest.FixtureRequest) -> Iterator[Callable[[], Coordinator
                                        client=fakeredis.FakeRedis(server=server))
         return
     real: RedisServer = request.getfixturevalue("redis_server")
-    RedisCoordinator(real.url)._client.flushall()
+    cleaner = RedisCoordinator(real.url)
+    try:
+        cleaner._client.flushall()
+    finally:
+        cleaner.close()
     yield lambda: RedisCoordinator(real.url)
 
 
