@@ -36,7 +36,12 @@ from labd.server.models import (
     ShowTracebacks,
     TimeoutQuery,
 )
-from labd.server.routes_lab import ask_other_node, call_on_other_node, merge_devices
+from labd.server.routes_lab import (
+    act_on_other_node,
+    ask_other_node,
+    call_on_other_node,
+    merge_devices,
+)
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 from labd.signatures import device_constructor_signature, signature_of
 
@@ -126,10 +131,16 @@ async def connect_device(
     body: ConnectRequest | None = None, timeout: TimeoutQuery = None,
 ) -> Response:
     """Call the device's ``connect()`` (optionally bounded by ``timeout`` in the body)."""
-    ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
     bound = body.timeout if body is not None else None
     if timeout is None and bound is not None:
         timeout = max(ctx.timeout(None), bound + 1.0)  # let the daemon's own bound answer first
+    try:
+        ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        return json_response(  # another node's device (routes_lab)
+            await act_on_other_node(ctx, device_id, "connect", actor, timeout, bound))
 
     def job() -> bytes:
         with acting_as(actor):
@@ -144,7 +155,13 @@ async def disconnect_device(
     device_id: DeviceIdPath, ctx: Ctx, actor: RemoteActor, timeout: TimeoutQuery = None,
 ) -> Response:
     """Call the device's ``disconnect()`` (stops its stream first). Idempotent."""
-    ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
+    try:
+        ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        return json_response(  # another node's device (routes_lab)
+            await act_on_other_node(ctx, device_id, "disconnect", actor, timeout))
 
     def job() -> bytes:
         with acting_as(actor):
@@ -271,7 +288,14 @@ async def stop_device_stream(
 
     A command: while someone else owns the device (a lease, a task) the answer is 409.
     """
-    slot = ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
+    try:
+        slot = ctx.daemon.device_slot(device_id)  # an unknown id is 404 before any work starts
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        await act_on_other_node(ctx, device_id, "stop_streaming", actor, timeout)  # routes_lab
+        return json_response({"status": "stopped", "device_id": device_id,
+                              "timestamp": utc_now_iso()})
 
     def job() -> None:
         with acting_as(actor):
