@@ -470,3 +470,21 @@ def test_directory_changes_reach_other_nodes_before_their_next_heartbeat(lab: La
     b.daemon.shutdown()
     b.close()
     wait_until(lambda: a.node_of("camera") is None, 5, "node a to hear that node b left")
+
+
+def test_another_nodes_device_is_connected_and_disconnected_from_here(lab: Lab) -> None:
+    from labd.ownership import Actor
+
+    a = lab.node("a", "laser")
+    b = lab.node("b")
+    _see(b, "laser")
+    remote = Actor(remote=True)
+    info = b.act("laser", "connect", remote)
+    assert info["node"] == "a" and info["state"] == "connected"
+    assert a.daemon.device_slot("laser").instance.connected
+    with b.daemon.claim(["laser"], owner="alice"):
+        with pytest.raises(DeviceBusyError, match="lease 'lease-1' of 'alice' on node 'b'"):
+            b.act("laser", "stop_streaming", Actor(remote=True, principal="bob"))
+    assert b.act("laser", "disconnect", remote)["state"] == "disconnected"
+    with pytest.raises(InvalidArgumentError, match="action must be one of"):
+        b.act("laser", "explode", remote)

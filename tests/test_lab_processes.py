@@ -156,6 +156,9 @@ def test_three_nodes_serve_the_whole_lab_and_a_run_owns_devices_on_two(lab: Lab)
     assert b.value("camera") == 4.5 and a.value("camera") == 4.5
     info = c.http.get("/devices/camera")
     assert info.status_code == 200 and info.json()["node"] == "b", info.text
+    connected = c.http.post("/devices/camera/connect", json={})
+    assert connected.status_code == 200 and connected.json()["state"] == "connected", connected.text
+    assert c.http.post("/devices/camera/disconnect").json()["state"] == "disconnected"
     methods = c.http.get("/devices/camera/methods").json()["methods"]
     assert {m["name"]: m["kind"] for m in methods}["set_value"] == "command"
     bad = c.call("camera", "set_value", "not a number")

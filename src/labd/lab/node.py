@@ -44,7 +44,7 @@ from labd.lab.errors import (
 )
 from labd.lab.settings import LabTimings
 from labd.lab.stream_exchange import StreamExchange
-from labd.ownership import Actor, ClaimRegistry, Lease, Owner, current_actor
+from labd.ownership import Actor, ClaimRegistry, Lease, Owner, acting_as, current_actor
 from labd.signatures import signature_of
 from labd.streaming import StreamHub, Subscription
 from labd.tasks import TaskRun
@@ -55,6 +55,8 @@ log = logging.getLogger("labd.lab")
 
 #: What another node may ask of a run (the TaskHandle methods of the same names).
 _RUN_ACTIONS = frozenset({"cancel", "pause", "resume"})
+#: What another node may do to a device besides calling its methods.
+_DEVICE_ACTIONS = frozenset({"connect", "disconnect", "stop_streaming"})
 
 
 def _version() -> str:
@@ -383,6 +385,23 @@ class LabNode:
         return self._request(node, call_request(device_id, method, args, kwargs, token,
                                                 principal, owner, queries_only), timeout)
 
+    def act(
+        self, device_id: str, action: str, actor: Actor, timeout: float | None = None,
+        bound: float | None = None,
+    ) -> dict[str, Any]:
+        """``connect``, ``disconnect`` or ``stop_streaming`` another node's device as ``actor``
+        (with its claim token); the device's info afterwards, with its ``node``."""
+        if action not in _DEVICE_ACTIONS:
+            raise InvalidArgumentError(f"action must be one of {sorted(_DEVICE_ACTIONS)}, got {action!r}")
+        node = self._locate(device_id)
+        run = actor.run
+        info = self._request(node, {
+            "op": "device_action", "device": device_id, "action": action, "bound": bound,
+            "token": self.claims.token_for(actor, device_id),
+            "principal": actor.principal or (run.principal if run is not None else None)},
+            timeout)
+        return {**info, "node": node}
+
     def ask(self, device_id: str, op: str, timeout: float | None = None) -> Any:
         """A remote device's ``info`` (its ``GET /devices/{id}``) or ``methods``."""
         return self._request(self._locate(device_id), {"op": op, "device": device_id}, timeout)
@@ -404,6 +423,8 @@ class LabNode:
             return None
         if op in ("stream_open", "stream_keep", "stream_close"):
             return self.streams.handle(op, request)
+        if op == "device_action":
+            return self._handle_action(request)
         if op == "task_info":
             handle = self.daemon.get_task(str(request.get("task")))
             return {**handle.info(), "result": handle.result}
@@ -447,9 +468,34 @@ class LabNode:
             args, kwargs = signature.validate(args, kwargs, f"{device_id}.{method}()")
         return self.daemon.call_device(device_id, method, args, kwargs, actor=actor)
 
+    def _handle_action(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Connect, disconnect or stop the stream of a device here, for another node's caller."""
+        device_id, action = str(request.get("device")), request.get("action")
+        if action not in _DEVICE_ACTIONS:
+            raise InvalidArgumentError(f"Unknown device action {action!r}.")
+        slot = self.daemon.device_slot(device_id)
+        token = request.get("token")
+        mirror = self._admit(device_id, int(token)) if token is not None else None
+        if token is None:
+            self._mirror_claim_of(device_id)
+        with acting_as(Actor(run=mirror, principal=request.get("principal"), remote=True)):
+            if action == "connect":
+                bound = request.get("bound")
+                self.daemon.connect_device(device_id, timeout=None if bound is None else float(bound))
+            elif action == "disconnect":
+                self.daemon.disconnect_device(device_id)
+            else:
+                slot.check_command("stop_streaming")  # a command: the owner's, or nobody's
+                self.daemon.stop_streaming(device_id)
+        return dict(self.daemon.device_info(device_id))
+
     def _mirror_claim_of(self, device_id: str) -> None:
-        """Install the stand-in owner of another node's live claim on ``device_id``, if any."""
+        """Make the stand-in owner here match the engine's live claim on ``device_id``: drop a
+        stale one (its release notice may still be on its way), install a missing one."""
         holder = self.coordinator.holder(device_id)
+        stale = self._mirrors.get(device_id)
+        if stale is not None and (holder is None or holder.token != stale.token):
+            self._drop_mirrors([device_id], stale.token)
         if holder is not None and holder.node != self.name:
             mirror = self._mirrors.get(device_id)
             if mirror is None or mirror.token != holder.token:

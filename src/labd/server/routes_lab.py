@@ -27,6 +27,7 @@ from labd.streaming import StreamHub
 
 __all__ = [
     "ROUTES",
+    "act_on_other_node",
     "ask_other_node",
     "call_on_other_node",
     "control_on_other_node",
@@ -118,6 +119,21 @@ async def ask_other_node(
     if op == "info" and isinstance(answer, dict):
         answer = {**answer, "node": node.node_of(device_id)}
     return answer
+
+
+async def act_on_other_node(
+    ctx: ServerContext, device_id: str, action: str, actor: Actor, timeout: float | None,
+    bound: float | None = None,
+) -> dict[str, Any]:
+    """Connect, disconnect or stop the stream of a device another node serves (404 if none)."""
+    node = lab_of(ctx)
+    if node is None or not node.knows(device_id):
+        raise UnknownDeviceError(
+            f"No device found with ID: '{device_id}' on this node or any live node of the lab.")
+    seconds = max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
+    return await ctx.run(lambda: node.act(device_id, action, actor, seconds, bound),
+                         what=f"{device_id}.{action}() on node {node.node_of(device_id)!r}",
+                         timeout=timeout)
 
 
 async def task_on_other_node(
