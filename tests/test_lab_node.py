@@ -482,9 +482,9 @@ def test_another_nodes_device_is_connected_and_disconnected_from_here(lab: Lab) 
     info = b.act("laser", "connect", remote)
     assert info["node"] == "a" and info["state"] == "connected"
     assert a.daemon.device_slot("laser").instance.connected
-    with b.daemon.claim(["laser"], owner="alice"):
-        with pytest.raises(DeviceBusyError, match="lease 'lease-1' of 'alice' on node 'b'"):
-            b.act("laser", "stop_streaming", Actor(remote=True, principal="bob"))
+    with b.daemon.claim(["laser"], owner="alice"), pytest.raises(
+            DeviceBusyError, match="lease 'lease-1' of 'alice' on node 'b'"):
+        b.act("laser", "stop_streaming", Actor(remote=True, principal="bob"))
     assert b.act("laser", "disconnect", remote)["state"] == "disconnected"
     with pytest.raises(InvalidArgumentError, match="action must be one of"):
         b.act("laser", "explode", remote)

@@ -273,12 +273,12 @@ class EngineClaims:
 
     def _wait_loop(self) -> None:
         while not self._stop.is_set():
+            self._wake_waiters.clear()  # before the work: a wake-up during it is kept
             with self._lock:
                 waits = list(self._waits.values())
             for wait in waits:
                 self._try(wait)
             self._wake_waiters.wait(self._timings.claim_poll if waits else 1.0)
-            self._wake_waiters.clear()
 
     def _try(self, wait: _Wait) -> None:
         owner = wait.pending.owner

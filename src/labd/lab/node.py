@@ -158,6 +158,7 @@ class LabNode:
         self._stop_listening: Callable[[], None] | None = None
         self._daemon_events: Subscription | None = None
         self._announced: list[Any] | None = None  # the device summary last announced
+        self._registered: list[Any] | None = None  # the device summary last registered
         self._started = False
         self._closed = False
 
@@ -248,8 +249,10 @@ class LabNode:
     def _register(self) -> None:
         while True:
             try:
-                self.coordinator.register(self.name, self._info(), self._local_ids(),
+                info = self._info()
+                self.coordinator.register(self.name, info, self._local_ids(),
                                           self.timings.directory_ttl, self.instance)
+                self._registered = [(d["device_id"], d["device_type"]) for d in info["devices"]]
                 break
             except NodeNameConflictError:
                 if not self._started:
@@ -297,15 +300,19 @@ class LabNode:
             self._kick.set()
 
     def _announce_changes(self) -> None:
-        summary = [(d["device_id"], d["device_type"]) for d in self._info()["devices"]]
-        if summary != self._announced:
-            self._announced = summary
+        # What was registered, not what the daemon has now: a device added since is
+        # announced by the round that registers it.
+        if self._registered != self._announced:
+            self._announced = self._registered
             self._announce()
 
     def _heartbeat_loop(self) -> None:
         backoff = 0.2
         while not self._stop.is_set():
             wait = self.timings.heartbeat
+            # Cleared before the work, not after the wait: a kick that arrives while the
+            # node registers is kept for the next round instead of lost.
+            self._kick.clear()
             try:
                 self._register()
                 self._announce_changes()
@@ -317,7 +324,6 @@ class LabNode:
                 wait = backoff  # reconnect with backoff, never slower than a heartbeat
                 backoff = min(backoff * 2, self.timings.heartbeat)
             self._kick.wait(wait)
-            self._kick.clear()
 
     def refresh(self) -> None:
         """Register and re-read the directory now (also done every heartbeat)."""
