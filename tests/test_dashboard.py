@@ -704,3 +704,63 @@ def test_a_run_that_emits_traces_is_plotted(browser: Any, tmp_path: Path) -> Non
             ui.assert_clean()
         finally:
             context.close()
+
+
+# ---------------------------------------------------------------------- a lab of several nodes
+def test_the_lab_page_lists_every_node_and_the_overview_names_each_devices_node(
+    browser: Any,
+) -> None:
+    """Two nodes joined through the in-process engine (the Redis one is tested in
+    tests/test_lab_*.py): node a's dashboard lists both nodes with their health, version,
+    heartbeat and devices, and its overview shows node b's device with its node."""
+    from labd import LabDaemon
+    from labd.lab import LabNode, LabTimings, LocalCoordinator
+    from labd.testing import FakeDevice, running_server
+
+    engine = LocalCoordinator()
+    timings = LabTimings(directory_ttl=5.0, heartbeat=0.5)
+    daemons = [LabDaemon(), LabDaemon()]
+    nodes: list[LabNode] = []
+    try:
+        for daemon, device_id in zip(daemons, ("laser_a", "camera_b"), strict=True):
+            daemon.register_plugins(devices={"Fake": FakeDevice})
+            daemon.connect_device(daemon.add_device(device_id, "Fake"))
+        with running_server(daemons[0]) as server:
+            for daemon, name, url in ((daemons[0], "pc-a", server.url),
+                                      (daemons[1], "pc-b", None)):
+                node = LabNode(daemon, engine, name, timings=timings, workers=1, url=url,
+                               own_coordinator=False)
+                nodes.append(node)
+                node.start()
+            context, ui = guarded_page(browser, server.url)
+            try:
+                ui.goto("/ui/lab")
+                page = ui.page
+                expect(page.get_by_role("heading", name="Lab", exact=True)).to_be_visible()
+                expect(page.get_by_test_id("this-node")).to_have_text("pc-a")
+                row_a, row_b = page.locator("tr[data-node='pc-a']"), page.locator(
+                    "tr[data-node='pc-b']")
+                expect(row_a).to_contain_text("laser_a")
+                expect(row_a).to_contain_text("healthy")
+                expect(row_b).to_contain_text("camera_b")
+                expect(row_b).to_contain_text("s ago")
+                expect(row_b.get_by_role("cell").nth(1)).to_contain_text("0.1.0")
+                ui.screenshot("lab.png")
+                ui.goto("/ui/")
+                remote = page.locator("tr[data-device='camera_b']")
+                expect(remote).to_contain_text("pc-b")
+                expect(page.locator("tr[data-device='laser_a']")).to_contain_text("pc-a")
+                ui.assert_clean()
+            finally:
+                context.close()
+    finally:
+        for node in reversed(nodes):
+            node.close()
+        for daemon in daemons:
+            daemon.shutdown()
+
+
+def test_the_lab_page_of_a_server_on_its_own_says_how_to_join(ui: GuardedPage) -> None:
+    ui.goto("/ui/lab")
+    expect(ui.page.get_by_role("heading", name="Not part of a lab")).to_be_visible()
+    expect(ui.page.get_by_role("link", name="Lab", exact=True)).to_have_attribute("aria-current", "page")

@@ -1,4 +1,4 @@
-"""The dashboard's pages: overview, device, tasks, launch form, history, run, server.
+"""The dashboard's pages: overview, device, tasks, launch form, history, run, server, lab.
 
 Each handler reads what it shows on a worker thread (:mod:`labd.web.views`) and renders a
 template (:func:`labd.web.render.page`). A labd error (an unknown device, run or task type)
@@ -142,6 +142,13 @@ async def server(request: Request) -> Response:
                 versions=_versions(), settings=ctx.settings)
 
 
+async def lab(request: Request) -> Response:
+    """``/ui/lab``: every node of the lab (health, version, last heartbeat, devices)."""
+    ctx = _ctx(request)
+    data = await ctx.run(lambda: views.lab_page(ctx), what="reading the lab's nodes")
+    return page(request, "lab.html", title="Lab", **data)
+
+
 def _versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -165,4 +172,5 @@ PAGES: list[tuple[str, Handler]] = [
     ("/ui/runs", runs),
     ("/ui/runs/{task_id}", run),
     ("/ui/server", server),
+    ("/ui/lab", lab),
 ]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import labd
 from labd.errors import UnknownNameError
+from labd.server.routes_lab import lab_of, merge_devices
 from labd.server.routes_types import describe_type
 from labd.signatures import constructor_signature
 
@@ -22,6 +23,8 @@ __all__ = [
     "ACTIVE_STATES",
     "RUN_STATES",
     "health",
+    "lab_devices",
+    "lab_page",
     "overview",
     "overview_part",
     "plottable",
@@ -78,7 +81,7 @@ def overview(ctx: ServerContext) -> dict[str, Any]:
     """Devices, unfinished runs, recent runs and health, for ``/ui/``."""
     devices = ctx.daemon.list_devices()
     return {
-        "devices": devices,
+        "devices": lab_devices(ctx, devices),
         "tasks": active_tasks(ctx),
         "runs": ctx.daemon.runs(limit=_RECENT_RUNS),
         "health": health(ctx, devices),
@@ -88,7 +91,7 @@ def overview(ctx: ServerContext) -> dict[str, Any]:
 def overview_part(ctx: ServerContext, part: str) -> dict[str, Any]:
     """What one live section of the overview needs (its refresh reads nothing else)."""
     if part == "devices":
-        return {"devices": ctx.daemon.list_devices()}
+        return {"devices": lab_devices(ctx, ctx.daemon.list_devices())}
     if part == "tasks":
         return {"tasks": active_tasks(ctx)}
     if part == "runs":
@@ -183,3 +186,46 @@ def plottable(result: Any) -> list[Any]:
     if len(columns) >= 2 and len({len(column) for column in columns.values()}) == 1:
         return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
     return next((list(value) for value in result.values() if _rows(value)), [])
+
+
+# ---------------------------------------------------------------------- a lab of several nodes
+#: Device states that make a node's health ``degraded`` on the lab page.
+_TROUBLED_STATES = frozenset({"faulted", "connecting"})
+
+
+def lab_devices(ctx: ServerContext, devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``devices`` (this node's), and on a lab node every other live node's, each with its
+    ``node``; another node's device is ``remote``, with ``node_url`` (its node's server, where
+    its page is) when that node published one."""
+    node = lab_of(ctx)
+    if node is None:
+        return devices
+    urls = {name: info.get("url") for name, info in node.nodes().items()}
+    here = node.name
+    return [{**device, "remote": device["node"] != here,
+             "node_url": urls.get(device["node"]) if device["node"] != here else None}
+            for device in merge_devices(ctx, devices)]
+
+
+def lab_page(ctx: ServerContext) -> dict[str, Any]:
+    """``/ui/lab``: the engine, and every live node with its health, version, last heartbeat
+    and devices (``lab`` None: this server is not a node of a lab)."""
+    node = lab_of(ctx)
+    if node is None:
+        return {"lab": None, "nodes": []}
+    nodes = node.nodes()  # re-read from the engine (the last read while it is unreachable)
+    now = time.time()
+    rows = []
+    for name, info in sorted(nodes.items()):
+        devices = list(info.get("devices") or [])
+        troubled = [d["device_id"] for d in devices if d.get("state") in _TROUBLED_STATES]
+        beat = info.get("heartbeat_at")
+        rows.append({
+            "node": name, "here": name == node.name, "version": info.get("version"),
+            "host": info.get("host"), "url": info.get("url"), "pid": info.get("pid"),
+            "heartbeat_age_s": max(now - beat, 0.0) if isinstance(beat, int | float) else None,
+            "devices": devices, "problems": troubled,
+            "status": health(ctx)["status"] if name == node.name
+            else ("degraded" if troubled else "healthy"),
+        })
+    return {"lab": node.health(), "nodes": rows}
