@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -306,3 +307,44 @@ def test_published_events_reach_listeners_until_they_stop(engine: Engine) -> Non
     count = len(got)
     coordinator.publish({"event": "directory_changed", "node": "b"})
     assert all(event.get("node") != "b" for event in got[count:]), "a stopped listener got an event"
+
+
+class _FirstReadLate:
+    """The engine, but a stream read waits until ``go`` is set (a reader thread that is slow
+    to start)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.go = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def stream_read(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.go.wait(10), "the test never let the reader read"
+        return self.inner.stream_read(*args, **kwargs)
+
+
+def test_a_reader_gets_what_was_added_after_it_started_even_before_its_first_read(
+    engine: Engine,
+) -> None:
+    """A node starts its reader, then asks the device's node to relay; the relay may add the
+    first item before the reader thread's first read. It must still arrive (it was lost when
+    the read position was taken by that first read: a flaky test in fresh-clone CI)."""
+    from labd.lab.streams import StreamReader
+
+    coordinator = engine.coordinator
+    coordinator.stream_add("dev:daq", [StreamEntry("", 0, 0.0, b"0")], maxlen=100)  # old
+    late = _FirstReadLate(coordinator)
+    reader = StreamReader(late, "daq", "a", lambda r: None, idle_after=5.0)  # type: ignore[arg-type]
+    sub = reader.hub.subscribe(maxsize=10)
+    try:
+        reader.start()
+        coordinator.stream_add("dev:daq", [StreamEntry("", 1, 1.0, b"1")], maxlen=100)
+        late.go.set()
+        item = sub.get(timeout=10)
+        assert item is not None and item.payload == 1
+        assert reader.received == 1  # the entry before the reader started is not replayed
+    finally:
+        sub.close()
+        reader.close()

@@ -171,6 +171,10 @@ class Coordinator(Protocol):
     ) -> list[StreamEntry]:
         """Entries after ``after`` (``$``: only new ones), waiting up to ``timeout`` s."""
 
+    def stream_tail(self, stream: str) -> str:
+        """The id of ``stream``'s newest entry now (a reader that starts after it sees every
+        later entry, whenever it first reads); ``"0"`` if the stream is empty or absent."""
+
     def stream_length(self, stream: str) -> int:
         """How many entries the engine keeps for ``stream`` now."""
 

@@ -302,6 +302,12 @@ class LocalCoordinator:
                     return found
                 self._changed.wait(remaining)
 
+    def stream_tail(self, stream: str) -> str:
+        """See :meth:`Coordinator.stream_tail`."""
+        with self._changed:
+            items = self._streams.get(stream, [])
+            return str(items[-1][0]) if items else "0"
+
     def stream_length(self, stream: str) -> int:
         """See :meth:`Coordinator.stream_length`."""
         with self._lock:

@@ -347,6 +347,12 @@ class RedisCoordinator:
                                            float(fields[b"ts"]), fields[b"p"]))
         return entries
 
+    def stream_tail(self, stream: str) -> str:
+        """See :meth:`Coordinator.stream_tail` (``XREVRANGE ... COUNT 1``)."""
+        newest: Any = self._call("read a stream's end", lambda: self._client.xrevrange(
+            f"{self.prefix}stream:{stream}", count=1))
+        return _text(newest[0][0]) if newest else "0"
+
     def stream_length(self, stream: str) -> int:
         """See :meth:`Coordinator.stream_length`."""
         return int(self._call("measure a stream",

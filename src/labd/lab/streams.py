@@ -142,14 +142,23 @@ class StreamReader:
         self._thread = threading.Thread(target=self._read, name=f"labd-lab-reader-{device_id}",
                                         daemon=True)
         self._started = time.monotonic()
+        self._after = "$"  # where reading starts: set by start()
         self._idle_after = idle_after  # without local subscribers this long: stop reading
 
     def start(self) -> None:
-        """Start reading new entries."""
+        """Start reading the entries added from now on (this call reads where "now" is).
+
+        The position is taken here, not by the thread's first read: an entry the device's
+        node adds before that read (its relay starts as soon as it is asked) still arrives.
+        """
+        try:
+            self._after = self._coordinator.stream_tail(self.name)
+        except EngineUnavailableError:
+            self._after = "$"  # the engine is away: nothing can be relayed meanwhile either
         self._thread.start()
 
     def _read(self) -> None:
-        after = "$"
+        after = self._after
         name = self.name
         idle_since: float | None = None
         while not self._stop.is_set():
