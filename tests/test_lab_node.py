@@ -488,3 +488,34 @@ def test_another_nodes_device_is_connected_and_disconnected_from_here(lab: Lab) 
     assert b.act("laser", "disconnect", remote)["state"] == "disconnected"
     with pytest.raises(InvalidArgumentError, match="action must be one of"):
         b.act("laser", "explode", remote)
+
+
+class Outer:
+    """A task that runs ``Drive`` on ``target`` as its child, inside its own claim."""
+
+    def __init__(self, task_id: str, device_ids: list[str], target: str) -> None:
+        self.task_id = task_id
+        self.device_ids = device_ids
+        self.target = target
+
+    def run(self, context: Any) -> Any:
+        child = context.daemon.execute_task(f"{self.task_id}-child", "Drive",
+                                            device_ids=[self.target], target=self.target)
+        return child.wait(30)
+
+
+def test_a_child_run_under_a_lost_claim_cannot_command_its_own_nodes_device(lab: Lab) -> None:
+    """The child holds the device inside its parent's claim (no engine claim of its own):
+    once the parent's engine claim is lost, the child's next command is refused too."""
+    a = lab.node("a", "laser")
+    a.daemon.register_plugins(tasks={"Outer": Outer})
+    handle = a.daemon.execute_task("outer", "Outer", device_ids=["laser"], target="laser")
+    laser = a.daemon.device_slot("laser").instance
+    wait_until(lambda: laser.value == 1, 5, "the child's first command")
+    a.claims.close()  # the renewer stops, as in a node frozen past the claim TTL
+    wait_until(lambda: a.coordinator.holder("laser") is None, 5, "the claim to expire in the engine")
+    Drive.steps["outer-child"].set()
+    wait_until(lambda: "outer-child" in Drive.errors, 5, "the child's next command to be refused")
+    assert isinstance(Drive.errors["outer-child"], ClaimLostError)
+    assert laser.value == 1, "a command under a lost claim reached the device"
+    _wait_done(handle)

@@ -225,8 +225,11 @@ class DeviceSlot:
         owner = self.owner
         if owner is None:
             return
-        if owner.fence is not None:  # a lab node: the owner's engine claim must still be live
-            owner.fence()
+        fenced: Owner | None = owner
+        while fenced is not None:  # a lab node: every engine claim it is nested in must be live
+            if fenced.fence is not None:
+                fenced.fence()
+            fenced = fenced.parent
         actor = current_actor()
         if actor.bypass or owner.permits(actor):
             return
