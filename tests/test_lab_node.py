@@ -519,3 +519,23 @@ def test_a_child_run_under_a_lost_claim_cannot_command_its_own_nodes_device(lab:
     assert isinstance(Drive.errors["outer-child"], ClaimLostError)
     assert laser.value == 1, "a command under a lost claim reached the device"
     _wait_done(handle)
+
+
+def test_get_tasks_on_any_node_lists_every_nodes_runs(lab: Lab) -> None:
+    import httpx
+
+    from labd.testing import running_server
+
+    a = lab.node("a", "laser")
+    b = lab.node("b", "camera")
+    running = b.daemon.execute_task("on-b", "Drive", device_ids=["camera"], target="camera")
+    a.refresh()
+    try:
+        with running_server(a.daemon) as server:
+            tasks = httpx.get(server.url + "/tasks", timeout=10).json()["tasks"]
+        assert [(t["task_id"], t["node"], t["status"]) for t in tasks] == [
+            ("on-b", "b", "running")]
+        assert [t["task_id"] for t in a.tasks() if t["node"] == "a"] == []
+    finally:
+        running.cancel()
+        _wait_done(running)

@@ -441,6 +441,9 @@ class LabNode:
                 raise InvalidArgumentError(f"Unknown run action {action!r}.")
             getattr(handle, str(action))()
             return None
+        if op == "tasks":
+            return [{**handle.info(), "result": handle.result}
+                    for handle in self.daemon.task_handles()]
         if op == "runs":
             query = request.get("query") or {}
             return self.daemon.runs(query.get("status"), query.get("task_type"),
@@ -637,6 +640,22 @@ class LabNode:
             rows.extend({**row, "node": node} for row in found or [])
         rows.sort(key=lambda row: str(row.get("created_at") or ""), reverse=True)
         return rows[offset:offset + limit]
+
+    def tasks(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """The live and retained runs of every live node (``GET /tasks``), each with its
+        ``node``: this node's first, then the others' as each answers within ``timeout``."""
+        rows = [{**handle.info(), "result": handle.result, "node": self.name}
+                for handle in self.daemon.task_handles()]
+        for node in sorted(self._nodes):
+            if node == self.name:
+                continue
+            try:
+                found = send_call(self.coordinator, node, self.name, {"op": "tasks"}, timeout)
+            except Exception as exc:  # a node down or frozen: the others' runs still show
+                log.info("lab: no task list from node %r: %s", node, exc)
+                continue
+            rows.extend({**row, "node": node} for row in found or [])
+        return rows
 
     def find_run(self, task_id: str, timeout: float = 2.0) -> tuple[str, dict[str, Any]]:
         """The live node whose run ``task_id`` is, and the run's info (with its ``node``).

@@ -81,9 +81,13 @@ def _owned_run(ctx: ServerContext, task_id: str, caller: Token | None, action: s
 
 
 async def list_tasks(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
-    """Live and retained task runs, oldest first, with their results."""
+    """Live and retained task runs, oldest first, with their results (on a node of a lab,
+    every live node's, each with its ``node``)."""
 
     def job() -> bytes:
+        lab = ctx.daemon.lab
+        if lab is not None:
+            return dumps_lenient({"tasks": lab.tasks()})
         handles = ctx.daemon.task_handles()
         return dumps_lenient({"tasks": [{**h.info(), "result": h.result} for h in handles]})
 
