@@ -324,18 +324,24 @@ def test_a_node_without_its_engine_serves_its_own_devices_and_says_degraded() ->
         node.close()
 
 
-def test_a_run_whose_claim_is_lost_cannot_command_its_own_nodes_device(lab: Lab) -> None:
-    a = lab.node("a", "laser")
-    handle = a.daemon.execute_task("sweep", "Drive", device_ids=["laser"], target="laser")
+def _lose_the_claim_then_step(a: LabNode, handle: Any, driver: str) -> None:
+    """``driver`` (a Drive run) set the laser to 1; the claim on it is lost in the engine; the
+    driver's next command must be refused with ClaimLostError and never reach the laser."""
     laser = a.daemon.device_slot("laser").instance
     wait_until(lambda: laser.value == 1, 5, "the first command")
     a.claims.close()  # the renewer stops, as in a node frozen past the claim TTL
     wait_until(lambda: a.coordinator.holder("laser") is None, 5, "the claim to expire in the engine")
-    Drive.steps["sweep"].set()
-    wait_until(lambda: "sweep" in Drive.errors, 5, "the run's next command to be refused")
-    assert isinstance(Drive.errors["sweep"], ClaimLostError)
+    Drive.steps[driver].set()
+    wait_until(lambda: driver in Drive.errors, 5, "the run's next command to be refused")
+    assert isinstance(Drive.errors[driver], ClaimLostError)
     assert laser.value == 1, "a command under a lost claim reached the device"
     _wait_done(handle)
+
+
+def test_a_run_whose_claim_is_lost_cannot_command_its_own_nodes_device(lab: Lab) -> None:
+    a = lab.node("a", "laser")
+    handle = a.daemon.execute_task("sweep", "Drive", device_ids=["laser"], target="laser")
+    _lose_the_claim_then_step(a, handle, "sweep")
 
 
 # -- streams ------------------------------------------------------------------------------------------
@@ -510,15 +516,7 @@ def test_a_child_run_under_a_lost_claim_cannot_command_its_own_nodes_device(lab:
     a = lab.node("a", "laser")
     a.daemon.register_plugins(tasks={"Outer": Outer})
     handle = a.daemon.execute_task("outer", "Outer", device_ids=["laser"], target="laser")
-    laser = a.daemon.device_slot("laser").instance
-    wait_until(lambda: laser.value == 1, 5, "the child's first command")
-    a.claims.close()  # the renewer stops, as in a node frozen past the claim TTL
-    wait_until(lambda: a.coordinator.holder("laser") is None, 5, "the claim to expire in the engine")
-    Drive.steps["outer-child"].set()
-    wait_until(lambda: "outer-child" in Drive.errors, 5, "the child's next command to be refused")
-    assert isinstance(Drive.errors["outer-child"], ClaimLostError)
-    assert laser.value == 1, "a command under a lost claim reached the device"
-    _wait_done(handle)
+    _lose_the_claim_then_step(a, handle, "outer-child")
 
 
 def test_get_tasks_on_any_node_lists_every_nodes_runs(lab: Lab) -> None:

@@ -166,43 +166,34 @@ async def clear_task_error(task_id: TaskIdPath, ctx: Ctx) -> Response:
     return json_response({"status": "cleared", "task_id": task_id})
 
 
-async def cancel_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
-    """Ask the run to stop (a pending run never starts). With tokens: its owner or an admin."""
+async def _control_run(
+    ctx: ServerContext, task_id: str, caller: Token | None, action: str, status: str,
+) -> Response:
+    """``handle.<action>()`` for the run's owner or an admin; another node's run on a lab node."""
     try:
-        handle = _owned_run(ctx, task_id, caller, "cancel")
+        handle = _owned_run(ctx, task_id, caller, action)
     except UnknownNameError:
         if ctx.daemon.lab is None:
             raise
-        await control_on_other_node(ctx, task_id, caller, "cancel")  # another node's run
-        return json_response({"status": "cancellation_requested", "task_id": task_id})
-    handle.cancel()
-    return json_response({"status": "cancellation_requested", "task_id": task_id})
+        await control_on_other_node(ctx, task_id, caller, action)  # another node's run
+    else:
+        getattr(handle, action)()
+    return json_response({"status": status, "task_id": task_id})
+
+
+async def cancel_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
+    """Ask the run to stop (a pending run never starts). With tokens: its owner or an admin."""
+    return await _control_run(ctx, task_id, caller, "cancel", "cancellation_requested")
 
 
 async def pause_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
     """Close the run's pause gate; it blocks at its next checkpoint. Owner or admin."""
-    try:
-        handle = _owned_run(ctx, task_id, caller, "pause")
-    except UnknownNameError:
-        if ctx.daemon.lab is None:
-            raise
-        await control_on_other_node(ctx, task_id, caller, "pause")  # another node's run
-        return json_response({"status": "paused", "task_id": task_id})
-    handle.pause()
-    return json_response({"status": "paused", "task_id": task_id})
+    return await _control_run(ctx, task_id, caller, "pause", "paused")
 
 
 async def resume_task(task_id: TaskIdPath, ctx: Ctx, caller: Caller) -> Response:
     """Open the run's pause gate again. Owner or admin."""
-    try:
-        handle = _owned_run(ctx, task_id, caller, "resume")
-    except UnknownNameError:
-        if ctx.daemon.lab is None:
-            raise
-        await control_on_other_node(ctx, task_id, caller, "resume")  # another node's run
-        return json_response({"status": "resumed", "task_id": task_id})
-    handle.resume()
-    return json_response({"status": "resumed", "task_id": task_id})
+    return await _control_run(ctx, task_id, caller, "resume", "resumed")
 
 
 async def set_task_parameter(
