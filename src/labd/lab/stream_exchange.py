@@ -66,8 +66,8 @@ class StreamExchange:
             reader = StreamReader(self.coordinator, source_id, node, self._reader_idle,
                                   idle_after=max(2 * self.timings.heartbeat, 0.2), name=name)
             self._readers[name] = reader
-        reader.start()  # reads from "now" on, before the relay starts: nothing is missed
         try:
+            reader.start()  # reads from "now" on, before the relay starts: nothing is missed
             answer = self._request(node, {"op": "stream_open", "device": source_id, "kind": kind,
                                           "principal": current_actor().principal, **extra}, None)
         except BaseException:
