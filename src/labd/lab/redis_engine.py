@@ -147,7 +147,7 @@ class RedisCoordinator:
         def run() -> None:
             backoff = 0.2
             while not stop.is_set():
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
                 try:
                     pubsub.subscribe(channel)
                     backoff = 0.2
