@@ -328,13 +328,38 @@ def test_lab_up_restarts_a_crashed_node_and_stops_all(tmp_path: Path, engine: Re
                        "both nodes to join")
             pid = _pid(client, "a")
             assert pid is not None
+            up.wait_for("[a] labd serving")  # its first run's output, in its log file too
             os.kill(pid, signal.SIGKILL)
             up.wait_for("[a] exited with")
             wait_until(lambda: _pid(client, "a") not in (None, pid), 20, "node a to be restarted")
+            # the restarted node's dashboard shows its launcher and the crashed run's output
+            page = wait_until(lambda: _server_page(ports["a"]), 20, "node a to serve its pages")
+            launcher = page.split('<h2 id="h-launcher">Launcher</h2>', 1)[1].split("</section>")[0]
+            assert "<dt>Restarts</dt><dd>1</dd>" in launcher
+            assert "exit code -9 (SIGKILL), then restarted" in launcher
+            assert str(tmp_path / "labd-logs" / "a.log") in launcher
+            first = launcher.index(f"[labd lab up] started (pid {pid}): ")
+            serving = launcher.index("labd serving", first)
+            exited = launcher.index(
+                "[labd lab up] exited with -9 (SIGKILL); restarting in 1 s (restart 1)", serving)
+            assert launcher.index(f"[labd lab up] started (pid {_pid(client, 'a')}, restart 1): ",
+                                  exited)
             assert up.stop(signal.SIGINT) == 0
             assert "labd lab up: stopped" in up.output()
         finally:
             client.close()
+    for node in ("a", "b"):
+        log = (tmp_path / "labd-logs" / f"{node}.log").read_text(encoding="utf-8")
+        assert log.endswith("[labd lab up] stopped: exit code 0\n"), log[-2000:]
+
+
+def _server_page(port: int) -> str | None:
+    """The dashboard's server page of the node on ``port``, once it answers."""
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/ui/server", timeout=10.0)
+    except httpx.HTTPError:
+        return None
+    return answer.text if answer.status_code == 200 else None
 
 
 def _pid(client: Any, node: str) -> int | None:

@@ -8,15 +8,31 @@
 ``lab-servers.toml`` names the servers to run on this PC::
 
     engine = "redis://127.0.0.1:6379/0"      # optional: --engine of every server
+    log_dir = "labd-logs"                     # optional: the node logs (the default, next to this file)
     [servers.pc-laser]                        # the table name is the node name
     config = "lab-laser.toml"                 # the lab config it serves (relative to this file)
     port = 5001
     args = ["--no-db"]                        # optional: more `labd serve` options
+
+``labd lab up`` starts one ``labd serve`` per server, prints each one's output as
+``[node] line``, restarts one that exits (backoff 1 s doubling to 30 s; back to 1 s after
+30 s of running) and stops all on Ctrl+C (SIGINT to each, killed after 10 s). Each node's
+output, timestamped, goes with the launcher's notes about it (started with pid N, exited
+with CODE, restarting, stopped) into ``<log_dir>/<node>.log`` (``--log-dir`` wins over
+``log_dir``), kept across restarts and bounded at 1 MB plus one older ``<node>.log.1``. Each
+node is told through its environment (``LABD_LAUNCHER_*``) who started it, how often it was
+restarted, how its last run ended and where its log file is; its dashboard server page
+(``/ui/server``) shows that, and the end of the file, the crashed runs' last lines
+included. A log directory that cannot be written stops ``labd lab up`` before it starts
+anything; a write failing later (a full disk) costs log lines, never the relaying, and is
+reported once.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +41,7 @@ import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,6 +54,7 @@ from labd.cli.output import console, print_note, status_text
 
 if TYPE_CHECKING:
     from labd.lab import LabNode, LabSettings
+    from labd.lab.launcher_log import NodeLog
 
 __all__ = ["join_lab", "lab_app", "settings_for_serve"]
 
@@ -147,6 +165,11 @@ def devices(url: UrlOption = DEFAULT_URL, token: TokenOption = None) -> None:
 
 
 # ---------------------------------------------------------------------- up
+#: Where ``labd lab up`` writes the node logs unless told: this directory next to the servers file.
+DEFAULT_LOG_DIR = "labd-logs"
+_NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 @dataclass
 class ServerSpec:
     """One server of ``lab-servers.toml``."""
@@ -157,8 +180,19 @@ class ServerSpec:
     args: list[str] = field(default_factory=list)
 
 
-def load_servers(path: Path) -> tuple[str | None, list[ServerSpec]]:
-    """The engine and the servers a ``lab-servers.toml`` names (one-line errors)."""
+@dataclass
+class ServersFile:
+    """A ``lab-servers.toml``: the engine, the servers and where their logs go."""
+
+    path: Path
+    engine: str | None
+    servers: list[ServerSpec]
+    log_dir: Path  # relative paths in the file are relative to the file
+    log_dir_from: str  # where log_dir was chosen, for error messages
+
+
+def load_servers(path: Path) -> ServersFile:
+    """What a ``lab-servers.toml`` names (one-line errors naming the key and what is valid)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -168,6 +202,9 @@ def load_servers(path: Path) -> tuple[str | None, list[ServerSpec]]:
         raise CliError(f"{path}: no [servers.NAME] tables; each names a node to run", EXIT_USAGE)
     specs = []
     for name, table in servers.items():
+        if not _NODE_NAME.fullmatch(name):
+            raise CliError(f"{path}: servers.{name}: a node name is 1 to 64 letters, digits or "
+                           "_ - . (e.g. the PC's name)", EXIT_USAGE)
         if not isinstance(table, dict) or not isinstance(table.get("port"), int):
             raise CliError(f"{path}: servers.{name}: needs port = <number>", EXIT_USAGE)
         config = table.get("config")
@@ -178,21 +215,74 @@ def load_servers(path: Path) -> tuple[str | None, list[ServerSpec]]:
     engine = data.get("engine")
     if engine is not None and not isinstance(engine, str):
         raise CliError(f"{path}: engine must be a URL string", EXIT_USAGE)
-    return engine, specs
+    log_dir = data.get("log_dir")
+    if log_dir is not None and (not isinstance(log_dir, str) or not log_dir):
+        raise CliError(f"{path}: log_dir must be a directory path string, e.g. "
+                       f'log_dir = "{DEFAULT_LOG_DIR}"', EXIT_USAGE)
+    chosen = f"log_dir in {path}" if log_dir else f"the default, next to {path}"
+    return ServersFile(path, engine, specs,
+                       path.parent / Path(log_dir or DEFAULT_LOG_DIR).expanduser(), chosen)
+
+
+def open_node_logs(log_dir: Path, specs: list[ServerSpec], where: str) -> dict[str, NodeLog]:
+    """One open :class:`NodeLog` per server, in ``log_dir`` (created if missing).
+
+    Raises :class:`CliError` (exit 2) if the directory or a file cannot be written, before
+    anything starts; ``where`` says where the directory was chosen.
+    """
+    from labd.lab.launcher_log import NodeLog
+
+    logs: dict[str, NodeLog] = {}
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            log = NodeLog(log_dir / f"{spec.node}.log", on_problem=partial(_show_note, spec.node))
+            log.open()
+            logs[spec.node] = log
+    except OSError as exc:
+        for log in logs.values():
+            log.close()
+        reason = exc.strerror or str(exc)
+        raise CliError(f"cannot write the node logs in {log_dir} ({where}): {reason}; pass "
+                       "--log-dir with a directory this user may write", EXIT_USAGE) from None
+    return logs
+
+
+def _show(text: Text) -> None:
+    """Print a line of the launcher's terminal; a terminal that is gone costs only the line."""
+    try:
+        console.print(text, soft_wrap=True)
+    except OSError:
+        pass
+
+
+def _show_note(node: str, message: str) -> None:
+    _show(Text(f"[{node}] {message}", style="yellow"))
 
 
 class Supervisor:
-    """Runs one ``labd serve`` child, restarting it with backoff when it crashes."""
+    """Runs one ``labd serve`` child, restarting it with backoff when it crashes.
+
+    The child's output (stdout and stderr) is printed here as ``[node] line`` and appended,
+    timestamped, to the node's :class:`NodeLog` with the supervisor's notes (started,
+    exited, restarting, stopped). The child learns of its launcher through the
+    :class:`LaunchInfo` environment variables, so its dashboard shows that file.
+    """
 
     MAX_BACKOFF_S = 30.0
     HEALTHY_AFTER_S = 30.0  # a child that ran this long starts the backoff over
+    MAX_LINE_BYTES = 8192  # a longer line is relayed in pieces (a child's output is not trusted)
 
-    def __init__(self, spec: ServerSpec, engine: str | None, stop: threading.Event) -> None:
+    def __init__(self, spec: ServerSpec, engine: str | None, stop: threading.Event,
+                 log: NodeLog, servers_file: Path) -> None:
         self.spec = spec
         self.engine = engine
         self.stop = stop
-        self.process: subprocess.Popen[str] | None = None
+        self.log = log
+        self.servers_file = servers_file
+        self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.last_exit: int | None = None  # the exit code of the child's previous run
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"labd-lab-up-{spec.node}")
 
@@ -205,43 +295,84 @@ class Supervisor:
             command += ["--engine", self.engine]
         return command + self.spec.args
 
+    def environ(self) -> dict[str, str]:
+        """The child's environment: ours, unbuffered UTF-8 output, and the launcher's facts."""
+        from labd.lab.launcher_log import LaunchInfo
+
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith("LABD_LAUNCHER_")}  # a launcher's child starts no other
+        env.setdefault("PYTHONIOENCODING", "utf-8")  # what _relay decodes
+        env.setdefault("COLUMNS", "200")  # rich wraps output to a pipe at 80 columns otherwise
+        launch = LaunchInfo(self.log.path, os.getpid(), str(self.servers_file), self.restarts,
+                            self.last_exit)
+        return {**env, "PYTHONUNBUFFERED": "1", **launch.environ()}
+
     def _run(self) -> None:
+        from labd.lab.launcher_log import describe_exit
+
         backoff = 1.0
         while not self.stop.is_set():
             started = time.monotonic()
-            with self._lock:
+            process, failure = self._start()
+            if process is not None:
+                self._relay(process)
+                code = process.wait()
                 if self.stop.is_set():
+                    self.log.note(f"stopped: exit code {describe_exit(code)}")
                     return
-                self.process = subprocess.Popen(
-                    self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            process = self.process
-            assert process.stdout is not None
-            for line in process.stdout:
-                console.print(Text(f"[{self.spec.node}] ", style="cyan") + Text(line.rstrip()),
-                              soft_wrap=True)
-            code = process.wait()
-            if self.stop.is_set():
+                self.last_exit = code
+                failure = f"exited with {describe_exit(code)}"
+            elif self.stop.is_set():
                 return
             if time.monotonic() - started >= self.HEALTHY_AFTER_S:
                 backoff = 1.0
             self.restarts += 1
-            console.print(Text(f"[{self.spec.node}] exited with {code}; restarting in "
-                               f"{backoff:g} s (restart {self.restarts})", style="yellow"))
+            message = f"{failure}; restarting in {backoff:g} s (restart {self.restarts})"
+            self.log.note(message)
+            _show(Text(f"[{self.spec.node}] {message}", style="yellow"))
             if self.stop.wait(backoff):
                 return
             backoff = min(backoff * 2, self.MAX_BACKOFF_S)
+
+    def _start(self) -> tuple[subprocess.Popen[bytes] | None, str]:
+        """Start the child (unless stopping); None and why if it could not start."""
+        command = self.command()
+        with self._lock:
+            if self.stop.is_set():
+                return None, "stopping"
+            try:
+                self.process = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=self.environ())
+            except OSError as exc:
+                return None, f"could not start {command[0]} ({exc.strerror or exc})"
+            process = self.process
+        run = f", restart {self.restarts}" if self.restarts else ""
+        self.log.note(f"started (pid {process.pid}{run}): {shlex.join(command)}")
+        return process, ""
+
+    def _relay(self, process: subprocess.Popen[bytes]) -> None:
+        """Print and log each line the child writes until it closes its output."""
+        stdout = process.stdout
+        assert stdout is not None
+        with stdout:
+            for raw in iter(lambda: stdout.readline(self.MAX_LINE_BYTES), b""):
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                self.log.line(line)
+                _show(Text(f"[{self.spec.node}] ", style="cyan") + Text(line))
 
     def terminate(self) -> None:
         with self._lock:
             process = self.process
         if process is not None and process.poll() is None:
+            self.log.note("stopping: sent SIGINT (labd lab up is stopping)")
             process.send_signal(signal.SIGINT)
 
     def kill(self) -> None:
         with self._lock:
             process = self.process
         if process is not None and process.poll() is None:
+            self.log.note("did not stop in time: killed")
             process.kill()
 
 
@@ -249,13 +380,28 @@ class Supervisor:
 @reports_errors
 def up(
     servers_file: Annotated[Path, typer.Argument(help="lab-servers.toml: the servers of this PC.")],
+    log_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-dir",
+            help="Directory of the node logs (<node>.log, shown on each node's dashboard "
+            f"server page). Default: the file's log_dir, else {DEFAULT_LOG_DIR}/ next to it.",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Start every server of a lab-servers.toml, restart crashed ones, stop all on Ctrl+C."""
-    engine, specs = load_servers(servers_file)
+    servers = load_servers(servers_file)
+    directory = (log_dir.expanduser() if log_dir is not None else servers.log_dir).absolute()
+    logs = open_node_logs(directory, servers.servers,
+                          "--log-dir" if log_dir is not None else servers.log_dir_from)
     stop = threading.Event()
-    supervisors = [Supervisor(spec, engine, stop) for spec in specs]
-    console.print(f"labd lab up: starting {len(specs)} server(s): "
-                  + ", ".join(f"{s.node} on port {s.port}" for s in specs) + ". Ctrl+C stops all.")
+    supervisors = [Supervisor(spec, servers.engine, stop, logs[spec.node],
+                              servers_file.absolute()) for spec in servers.servers]
+    console.print(f"labd lab up: starting {len(supervisors)} server(s): "
+                  + ", ".join(f"{s.node} on port {s.port}" for s in servers.servers)
+                  + f"; their logs in {directory}. Ctrl+C stops all.", soft_wrap=True)
     for supervisor in supervisors:
         supervisor.thread.start()
     try:
@@ -274,4 +420,6 @@ def up(
             if supervisor.thread.is_alive():
                 supervisor.kill()
                 supervisor.thread.join(5.0)
+        for log in logs.values():
+            log.close()
     console.print("labd lab up: stopped")

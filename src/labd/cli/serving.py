@@ -3,11 +3,16 @@
 Start: check the port, build the server, start it on its own thread. Wait: the main thread
 sleeps until SIGINT (Ctrl-C) or SIGTERM. Stop: server first (no new requests), then the
 daemon (tasks, streams, devices), then say whether everything stopped.
+
+A server started by ``labd lab up`` finds its launcher's facts (pid, servers file, restarts,
+log file) in the environment, read once here; its dashboard server page shows them and the
+end of the node's log file (see :mod:`labd.lab.launcher_log`).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import socket
 import threading
@@ -85,6 +90,8 @@ def serve_in_background(
     ``tokens`` (from :func:`labd.server.auth.load_tokens`) turns on bearer-token auth;
     ``options`` are more :class:`labd.server.LabDaemonServer` keyword arguments (limits and
     ``allowed_hosts``, checked beforehand with :func:`labd.server.lifecycle.server_settings`).
+    The facts of a launcher (``labd lab up``) in the environment go to the app's state for
+    the dashboard.
 
     Raises :class:`CliError` if the port is taken or the server extra is not installed.
     """
@@ -96,7 +103,10 @@ def serve_in_background(
         raise CliError(
             f"serving needs labd's `server` extra ({exc}); install it with pip install 'labd[server]'"
         ) from None
+    from labd.lab.launcher_log import LaunchInfo
+
     server = LabDaemonServer(daemon, host=host, port=port, tokens=tokens, **dict(options or {}))
+    server.app.state.labd_launcher = LaunchInfo.from_environ(os.environ)
     try:
         server.start(blocking=False)
     except Exception as exc:

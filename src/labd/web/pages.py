@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from labd.errors import LabDaemonException
+from labd.lab.launcher_log import LaunchInfo, read_tail
 from labd.server.context import ServerContext
 from labd.server.errors import describe_exception
 from labd.web import views
@@ -133,13 +134,22 @@ async def run(request: Request, task_id: str) -> Response:
 
 
 async def server(request: Request) -> Response:
-    """``/ui/server``: health, uptime, versions, the recent log lines."""
+    """``/ui/server``: health, uptime, versions, the launcher's log (if any), recent log lines.
+
+    A server started by ``labd lab up`` (``app.state.labd_launcher``, see
+    :mod:`labd.cli.serving`) also shows its launcher's facts and the end of its log file,
+    earlier runs of the node included; the file is read on a worker thread.
+    """
     ctx = _ctx(request)
-    health = await ctx.run(lambda: views.health(ctx), what="reading the server's health")
+    launcher: LaunchInfo | None = getattr(request.app.state, "labd_launcher", None)
+    health, launcher_log = await ctx.run(
+        lambda: (views.health(ctx), read_tail(launcher.log_file) if launcher else None),
+        what="reading the server's health and its log file")
     ring = getattr(request.app.state, "labd_log", None)
     lines = ring.recent(200) if ring is not None else []
     return page(request, "server.html", title="Server", health=health, log_lines=lines,
-                versions=_versions(), settings=ctx.settings)
+                versions=_versions(), settings=ctx.settings, launcher=launcher,
+                launcher_log=launcher_log)
 
 
 async def lab(request: Request) -> Response:
