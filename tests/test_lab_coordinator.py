@@ -8,6 +8,7 @@ capped streams.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -229,6 +230,51 @@ def test_requests_are_popped_in_order_and_replies_wake_the_caller(engine: Engine
     coordinator.push_reply("k1", b"answer", 60)
     waiting.join(10)
     assert got == [b"answer"]
+
+
+def test_reply_and_pop_sends_the_reply_and_takes_the_next_request(engine: Engine) -> None:
+    coordinator = engine.coordinator
+    coordinator.push_request("a", b"next")
+    assert coordinator.reply_and_pop("k4", b"answer", 60, "a", 1.0) == b"next"
+    assert coordinator.pop_reply("k4", 1.0) == b"answer"
+    assert coordinator.reply_and_pop("k5", b"second", 60, "a", 0.05) is None
+    assert coordinator.pop_reply("k5", 1.0) == b"second"
+
+
+def test_a_reply_is_sent_even_when_the_engine_lost_its_scripts(engine: Engine) -> None:
+    """An engine restarted empty forgets the reply script: it is loaded again, the reply still
+    goes out, and the request popped with it is kept."""
+    coordinator = engine.coordinator
+    client = getattr(coordinator, "_client", None)
+    if client is None:
+        pytest.skip("the in-process coordinator runs no scripts")
+    coordinator.reply_and_pop("k6", b"warm", 60, "a", 0.01)
+    client.script_flush()
+    coordinator.push_request("a", b"next")
+    assert coordinator.reply_and_pop("k7", b"answer", 60, "a", 1.0) == b"next"
+    assert coordinator.pop_reply("k7", 1.0) == b"answer"
+
+
+def test_exchange_async_sends_the_request_and_the_reply_is_never_lost(engine: Engine) -> None:
+    """On a loop an engine may answer the reply or, if it cannot wait without blocking, None
+    at once; the reply then waits for its caller."""
+    coordinator = engine.coordinator
+
+    def answer() -> None:
+        request = coordinator.pop_request("a", 5)
+        coordinator.push_reply("k8", b"re:" + (request or b"?"), 60)
+
+    async def main() -> bytes | None:
+        try:
+            return await coordinator.exchange_async("a", b"ping", "k8", 1.0)
+        finally:
+            await coordinator.close_async()
+
+    responder = threading.Thread(target=answer)
+    responder.start()
+    got = asyncio.run(main())
+    responder.join(10)
+    assert (got or coordinator.pop_reply("k8", 5)) == b"re:ping"
 
 
 # -- streams -----------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import orjson
 
@@ -34,13 +34,19 @@ from labd.lab import errors as lab_errors
 from labd.lab.coordinator import Coordinator
 from labd.lab.errors import ClaimLostError, EngineUnavailableError
 
-__all__ = ["RequestWorkers", "call_request", "claim_lost", "decode_error", "encode_error", "send_call"]
+__all__ = [
+    "RequestWorkers", "call_request", "claim_lost", "decode_error", "encode_error", "send_call",
+    "send_call_async",
+]
 
 log = logging.getLogger("labd.lab")
 
 Handler = Callable[[dict[str, Any]], Any]
 #: How long an unread reply stays in the engine (its caller may be gone).
 REPLY_TTL_S = 60.0
+#: A larger reply is decoded on a thread, not on the event loop (:func:`send_call_async`).
+INLINE_REPLY_BYTES = 64 * 1024
+T = TypeVar("T")
 
 
 def _default(value: Any) -> Any:
@@ -96,15 +102,28 @@ def decode_error(error: Mapping[str, Any]) -> LabDaemonException:
     return exc
 
 
-def send_call(
-    coordinator: Coordinator, node: str, caller: str, request: dict[str, Any], timeout: float,
-    liveness_check: float = 1.0,
-) -> Any:
-    """Send ``request`` to ``node`` and wait up to ``timeout`` s for its reply's result."""
+def _envelope(request: dict[str, Any], caller: str, timeout: float) -> tuple[str, float, bytes]:
+    """A request's reply key, deadline (epoch seconds) and JSON body."""
     reply_key = f"{caller}:{uuid.uuid4().hex}"
     deadline = time.time() + timeout
     body = dumps({**request, "reply": reply_key, "deadline": deadline, "from": caller})
-    payload = coordinator.exchange(node, body, reply_key, min(timeout, liveness_check))
+    return reply_key, deadline, body
+
+
+def _result(payload: bytes) -> Any:
+    """A reply's result, or the exception its error describes."""
+    reply = orjson.loads(payload)
+    if reply.get("ok"):
+        return reply.get("result")
+    raise decode_error(reply.get("error") or {})
+
+
+def _await_reply(
+    coordinator: Coordinator, node: str, request: dict[str, Any], reply_key: str,
+    deadline: float, timeout: float, liveness_check: float,
+) -> Any:
+    """Wait for a reply not back with the first round trip; its result (blocking)."""
+    payload = None
     remaining = deadline - time.time()
     while payload is None and remaining > 0:
         # Wait in slices; between them, make sure the node is still in the directory, so a
@@ -125,10 +144,41 @@ def send_call(
             f"Device {request.get('device')!r} on node {node!r}: {what} got no answer within "
             f"{timeout:g} s; node {node!r} may be down, frozen or overloaded. Check it "
             "(labd lab nodes) and try again.")
-    reply = orjson.loads(payload)
-    if reply.get("ok"):
-        return reply.get("result")
-    raise decode_error(reply.get("error") or {})
+    return _result(payload)
+
+
+def send_call(
+    coordinator: Coordinator, node: str, caller: str, request: dict[str, Any], timeout: float,
+    liveness_check: float = 1.0,
+) -> Any:
+    """Send ``request`` to ``node`` and wait up to ``timeout`` s for its reply's result."""
+    reply_key, deadline, body = _envelope(request, caller, timeout)
+    payload = coordinator.exchange(node, body, reply_key, min(timeout, liveness_check))
+    if payload is not None:
+        return _result(payload)
+    return _await_reply(coordinator, node, request, reply_key, deadline, timeout, liveness_check)
+
+
+async def send_call_async(
+    coordinator: Coordinator, node: str, caller: str, request: dict[str, Any], timeout: float,
+    slow: Callable[[Callable[[], T]], Awaitable[T]], finish: Callable[[Any], T],
+    liveness_check: float = 1.0,
+) -> T:
+    """:func:`send_call` for an event loop; ``finish(result)`` (such as encoding the answer).
+
+    The request and a reply that comes back within the first wait (up to one second) never
+    leave the loop, so a call to another node costs no thread hand-off. A slower reply is
+    awaited, and a large one (over :data:`INLINE_REPLY_BYTES`) decoded and finished, on a
+    thread through ``slow(fn)`` (the server's offloader), so the loop never waits on either.
+    """
+    reply_key, deadline, body = _envelope(request, caller, timeout)
+    payload = await coordinator.exchange_async(node, body, reply_key, min(timeout, liveness_check))
+    if payload is None:
+        return await slow(lambda: finish(_await_reply(
+            coordinator, node, request, reply_key, deadline, timeout, liveness_check)))
+    if len(payload) > INLINE_REPLY_BYTES:
+        return await slow(lambda: finish(_result(payload)))
+    return finish(_result(payload))
 
 
 class RequestWorkers:
@@ -166,27 +216,39 @@ class RequestWorkers:
 
     def _loop(self) -> None:
         backoff = 0.1
+        reply: tuple[str, bytes] | None = None  # the last answer, sent with the next pop
         while not self._stop.is_set():
             try:
-                payload = self._coordinator.pop_request(self._node, 0.5)
+                if reply is None:
+                    payload = self._coordinator.pop_request(self._node, 0.5)
+                else:
+                    # One round trip: the answer goes out and the wait for the next starts.
+                    payload = self._coordinator.reply_and_pop(
+                        reply[0], reply[1], REPLY_TTL_S, self._node, 0.5)
             except EngineUnavailableError as exc:
+                reply = None  # lost with the engine: its caller times out (the deadline)
                 self._on_engine_error(exc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.1
-            if payload is not None:
-                self._answer(payload)
+            reply = None if payload is None else self._answer(payload)
+        if reply is not None:  # closing: the last answer still goes out
+            try:
+                self._coordinator.push_reply(reply[0], reply[1], REPLY_TTL_S)
+            except EngineUnavailableError as exc:
+                self._on_engine_error(exc)
 
-    def _answer(self, payload: bytes) -> None:
+    def _answer(self, payload: bytes) -> tuple[str, bytes] | None:
+        """Handle one request; its reply key and reply, or None for a notice (no reply)."""
         try:
             request = orjson.loads(payload)
         except orjson.JSONDecodeError:
             log.warning("lab: node %r dropped a request that is not JSON", self._node)
-            return
-        reply_key = request.get("reply")
+            return None
         if request.get("op") == "wake":
-            return
+            return None
+        reply_key = request.get("reply")
         if time.time() > float(request.get("deadline", 0)):
             reply: dict[str, Any] = {"ok": False, "error": encode_error(DeviceTimeoutError(
                 f"Node {self._node!r} got the request for {request.get('device')!r} after its "
@@ -205,17 +267,9 @@ class RequestWorkers:
                                       "cause_type": type(exc).__name__, "node": self._node}
                 reply = {"ok": False, "error": encode_error(fault)}
             else:
-                self._push(reply_key, body)
-                return
-        self._push(reply_key, dumps(reply))
-
-    def _push(self, reply_key: object, body: bytes) -> None:
-        if not isinstance(reply_key, str):
-            return  # a notice: nobody waits for its answer
-        try:
-            self._coordinator.push_reply(reply_key, body, REPLY_TTL_S)
-        except EngineUnavailableError as exc:
-            self._on_engine_error(exc)
+                return (reply_key, body) if isinstance(reply_key, str) else None
+        # A notice (no reply key) has nobody waiting for its answer.
+        return (reply_key, dumps(reply)) if isinstance(reply_key, str) else None
 
 
 def call_request(

@@ -156,8 +156,24 @@ class Coordinator(Protocol):
     def exchange(self, node: str, payload: bytes, reply_key: str, wait: float) -> bytes | None:
         """Push a request to ``node`` and wait up to ``wait`` s for its reply, in one round trip."""
 
+    async def exchange_async(
+        self, node: str, payload: bytes, reply_key: str, wait: float,
+    ) -> bytes | None:
+        """:meth:`exchange` for an event loop: awaits the engine, never blocks the loop. An
+        engine that cannot wait without blocking may answer None before ``wait``: the caller
+        then waits for the reply with :meth:`pop_reply` on a thread."""
+
+    async def close_async(self) -> None:
+        """Drop the connections :meth:`exchange_async` made for the running loop (call it on
+        that loop before it ends). Idempotent."""
+
     def push_reply(self, reply_key: str, payload: bytes, ttl: float) -> None:
         """Put a reply on ``reply_key`` (kept ``ttl`` s for a caller that may be gone)."""
+
+    def reply_and_pop(
+        self, reply_key: str, payload: bytes, ttl: float, node: str, timeout: float,
+    ) -> bytes | None:
+        """:meth:`push_reply` then :meth:`pop_request` of ``node``, in one round trip."""
 
     def pop_reply(self, reply_key: str, timeout: float) -> bytes | None:
         """Wait up to ``timeout`` s for the reply on ``reply_key``."""

@@ -266,9 +266,27 @@ class LocalCoordinator:
         self.push_request(node, payload)
         return self.pop_reply(reply_key, wait)
 
+    async def exchange_async(
+        self, node: str, payload: bytes, reply_key: str, wait: float,
+    ) -> bytes | None:
+        """See :meth:`Coordinator.exchange_async`: in one process there is no socket to
+        await, so this does not wait (the caller waits with :meth:`pop_reply` on a thread)."""
+        self.push_request(node, payload)
+        return self.pop_reply(reply_key, 0.0)
+
+    async def close_async(self) -> None:
+        """See :meth:`Coordinator.close_async` (nothing to drop)."""
+
     def push_reply(self, reply_key: str, payload: bytes, ttl: float) -> None:
         """See :meth:`Coordinator.push_reply` (an unread reply stays until popped)."""
         self._push(f"reply:{reply_key}", payload)
+
+    def reply_and_pop(
+        self, reply_key: str, payload: bytes, ttl: float, node: str, timeout: float,
+    ) -> bytes | None:
+        """See :meth:`Coordinator.reply_and_pop`."""
+        self.push_reply(reply_key, payload, ttl)
+        return self.pop_request(node, timeout)
 
     def pop_reply(self, reply_key: str, timeout: float) -> bytes | None:
         """See :meth:`Coordinator.pop_reply`."""

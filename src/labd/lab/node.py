@@ -23,8 +23,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from labd.errors import (
     DeviceBusyError,
@@ -33,7 +33,7 @@ from labd.errors import (
     UnknownTaskError,
     describe_choices,
 )
-from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call
+from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call, send_call_async
 from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
 from labd.lab.errors import (
@@ -51,6 +51,7 @@ from labd.tasks import TaskRun
 
 __all__ = ["LabNode", "RemoteDevice", "RemoteRun"]
 
+T = TypeVar("T")
 log = logging.getLogger("labd.lab")
 
 #: What another node may ask of a run (the TaskHandle methods of the same names).
@@ -383,13 +384,33 @@ class LabNode:
         ``queries_only``: the device's node refuses a command (:class:`QueriesOnlyError`); the
         server sets it for a viewer's token, since only that node knows query from command.
         """
+        node, request = self._call_request(device_id, method, args, kwargs, actor, queries_only)
+        return self._request(node, request, timeout)
+
+    async def call_async(
+        self, device_id: str, method: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+        actor: Actor, timeout: float, slow: Callable[[Callable[[], T]], Awaitable[T]],
+        finish: Callable[[Any], T], *, queries_only: bool = False,
+    ) -> T:
+        """:meth:`call` from an event loop (the server's), returning ``finish(result)``: a
+        reply within the first second is awaited on the loop, a slower or large one handled
+        on a thread through ``slow(fn)`` (:func:`labd.lab.calls.send_call_async`)."""
+        node, request = self._call_request(device_id, method, args, kwargs, actor, queries_only)
+        return await send_call_async(self.coordinator, node, self.name, request, timeout, slow,
+                                     finish, liveness_check=self.timings.heartbeat)
+
+    def _call_request(
+        self, device_id: str, method: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+        actor: Actor, queries_only: bool,
+    ) -> tuple[str, dict[str, Any]]:
+        """The node serving ``device_id`` and the request of one call on it by ``actor``."""
         node = self._locate(device_id)
         token = self.claims.token_for(actor, device_id)
         run = actor.run
         owner = run.label if run is not None else None
         principal = actor.principal or (run.principal if run is not None else None)
-        return self._request(node, call_request(device_id, method, args, kwargs, token,
-                                                principal, owner, queries_only), timeout)
+        return node, call_request(device_id, method, args, kwargs, token, principal, owner,
+                                  queries_only)
 
     def act(
         self, device_id: str, action: str, actor: Actor, timeout: float | None = None,

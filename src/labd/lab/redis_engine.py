@@ -11,6 +11,7 @@ Redis Streams (``XADD MAXLEN ~``). Every connection is outbound from the node.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -19,6 +20,9 @@ from typing import Any, TypeVar
 
 import orjson
 import redis
+import redis.asyncio
+import redis.asyncio.connection
+import redis.connection
 import redis.exceptions
 
 from labd.lab import scripts
@@ -41,8 +45,13 @@ _US = "\x1f"
 _BLOCK_SLICE_S = 1.0
 #: A request list expires this long after its last request (its node never came back).
 _REQUEST_LIST_TTL_MS = 120_000
+#: Connections of one event loop's client (calls waiting at once; more queue for one).
+_ASYNC_CONNECTIONS = 64
 _ENGINE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                   OSError)
+#: What the engine answers when it is away or refuses this node (EngineUnavailableError).
+_REFUSED = (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError,
+            *_ENGINE_ERRORS)
 
 
 def _text(value: Any) -> str:
@@ -68,27 +77,38 @@ class RedisCoordinator:
         self._register = self._client.register_script(scripts.REGISTER)
         self._unregister = self._client.register_script(scripts.UNREGISTER)
         self._push_expire = self._client.register_script(scripts.PUSH_EXPIRE)
+        # exchange_async's connections, one link per event loop (a connection belongs to the
+        # loop that made it); none without a URL of our own (a test's client).
+        self._async_pool = None if client is not None else redis.asyncio.ConnectionPool.from_url(
+            url, socket_timeout=socket_timeout,
+            socket_connect_timeout=min(socket_timeout, 2.0), retry_on_timeout=False,
+            health_check_interval=0)
+        self._links: dict[asyncio.AbstractEventLoop, _AsyncLink] = {}
+        self._links_lock = threading.Lock()
+        # The request workers' blocking commands, each on a connection of its thread's own.
+        self._own = _ThreadLinks(self._client.connection_pool)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
-        except redis.exceptions.AuthenticationError as exc:
-            raise EngineUnavailableError(
+        except _REFUSED as exc:
+            raise self._unavailable(what, exc) from exc
+
+    def _unavailable(self, what: str, exc: BaseException) -> EngineUnavailableError:
+        """The error for an engine that refused or did not answer ``what``."""
+        if isinstance(exc, redis.exceptions.AuthenticationError):
+            return EngineUnavailableError(
                 f"The lab's engine {self.description} refused this node's credentials ({what}: "
-                f"{exc}). Check the ACL user and password in the engine URL (docs/multi-host.md)."
-            ) from exc
-        except redis.exceptions.NoPermissionError as exc:
-            raise EngineUnavailableError(
+                f"{exc}). Check the ACL user and password in the engine URL (docs/multi-host.md).")
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            return EngineUnavailableError(
                 f"The lab's engine {self.description} does not let this node's ACL user do "
                 f"{what} ({exc}). Give the user ~labd:* &labd:* and the commands of "
-                "docs/multi-host.md."
-            ) from exc
-        except _ENGINE_ERRORS as exc:
-            raise EngineUnavailableError(
-                f"The lab's engine {self.description} did not answer ({what}: "
-                f"{type(exc).__name__}: {exc}). Check that it runs and that this PC reaches it; "
-                "this node keeps serving its own devices and reconnects by itself."
-            ) from exc
+                "docs/multi-host.md.")
+        return EngineUnavailableError(
+            f"The lab's engine {self.description} did not answer ({what}: "
+            f"{type(exc).__name__}: {exc}). Check that it runs and that this PC reaches it; "
+            "this node keeps serving its own devices and reconnects by itself.")
 
     def ping(self) -> None:
         """See :meth:`Coordinator.ping`."""
@@ -275,14 +295,18 @@ class RedisCoordinator:
             pipe.execute()
         self._call("send a request", push)
 
-    def _blocking_pop(self, key: str, timeout: float, what: str) -> bytes | None:
+    def _blocking_pop(
+        self, key: str, timeout: float, what: str, own: bool = False,
+    ) -> bytes | None:
         remaining = timeout
         while True:
             wait = min(max(remaining, 0.0), _BLOCK_SLICE_S)
             if wait < 0.001:  # BLPOP's timeout 0 means forever: poll once instead
                 found = self._call(what, lambda: self._client.lpop(key))
                 return found if isinstance(found, bytes) else None
-            answer: Any = self._call(what, functools.partial(self._client.blpop, [key], wait))
+            answer: Any = self._call(what, functools.partial(
+                self._own.command, "BLPOP", key, wait) if own else functools.partial(
+                self._client.blpop, [key], wait))
             if answer is not None:
                 return bytes(answer[1])
             remaining -= wait
@@ -291,7 +315,8 @@ class RedisCoordinator:
 
     def pop_request(self, node: str, timeout: float) -> bytes | None:
         """See :meth:`Coordinator.pop_request`."""
-        return self._blocking_pop(f"{self.prefix}req:{node}", timeout, "wait for requests")
+        return self._blocking_pop(f"{self.prefix}req:{node}", timeout, "wait for requests",
+                                  own=True)
 
     def exchange(self, node: str, payload: bytes, reply_key: str, wait: float) -> bytes | None:
         """See :meth:`Coordinator.exchange`: RPUSH and BLPOP pipelined (one round trip)."""
@@ -310,11 +335,71 @@ class RedisCoordinator:
             return None if answer is None else bytes(answer[1])
         return self._call("send a request and wait for its reply", exchange)
 
+    def _link(self) -> _AsyncLink | None:
+        """The running loop's link (made on first use), or None without a URL of our own."""
+        if self._async_pool is None:
+            return None
+        loop = asyncio.get_running_loop()
+        with self._links_lock:
+            link = self._links.get(loop)
+            if link is None:
+                link = self._links[loop] = _AsyncLink(self._async_pool)
+            return link
+
+    async def exchange_async(
+        self, node: str, payload: bytes, reply_key: str, wait: float,
+    ) -> bytes | None:
+        """See :meth:`Coordinator.exchange_async`: the commands of :meth:`exchange` in one
+        round trip on a connection of the loop's own (a test's client: no wait)."""
+        link = self._link()
+        wait = min(wait, _BLOCK_SLICE_S)
+        if link is None or wait < 0.001:
+            self.push_request(node, payload)
+            return self.pop_reply(reply_key, 0.0)
+        key = f"{self.prefix}req:{node}"
+        try:
+            answer: Any = (await link.roundtrip(
+                ("RPUSH", key, payload), ("PEXPIRE", key, _REQUEST_LIST_TTL_MS),
+                ("BLPOP", f"{self.prefix}reply:{reply_key}", wait)))[-1]
+        except _REFUSED as exc:
+            raise self._unavailable("send a request and wait for its reply", exc) from exc
+        return None if answer is None else bytes(answer[1])
+
+    async def close_async(self) -> None:
+        """See :meth:`Coordinator.close_async`."""
+        with self._links_lock:
+            link = self._links.pop(asyncio.get_running_loop(), None)
+        if link is not None:
+            await link.close()
+
     def push_reply(self, reply_key: str, payload: bytes, ttl: float) -> None:
         """See :meth:`Coordinator.push_reply`."""
         key = f"{self.prefix}reply:{reply_key}"
         self._call("send a reply", lambda: self._push_expire(
             keys=[key], args=[payload, max(int(ttl * 1000), 1)]))
+
+    def reply_and_pop(
+        self, reply_key: str, payload: bytes, ttl: float, node: str, timeout: float,
+    ) -> bytes | None:
+        """See :meth:`Coordinator.reply_and_pop`: the reply's script and the ``BLPOP`` of the
+        next request in one write, on the thread's own connection (an engine restarted empty
+        has lost the script: it is loaded again and the reply sent again; the request popped
+        meanwhile is kept)."""
+        wait = min(max(timeout, 0.0), _BLOCK_SLICE_S)
+        if wait < 0.001:
+            self.push_reply(reply_key, payload, ttl)
+            return self.pop_request(node, 0.0)
+        pushed, popped = self._call("send a reply and wait for requests", lambda: self._own.roundtrip(
+            ("EVALSHA", self._push_expire.sha, 1, f"{self.prefix}reply:{reply_key}", payload,
+             max(int(ttl * 1000), 1)),
+            ("BLPOP", f"{self.prefix}req:{node}", wait)))
+        if isinstance(pushed, redis.exceptions.NoScriptError):
+            self.push_reply(reply_key, payload, ttl)
+        elif isinstance(pushed, Exception):
+            raise self._unavailable("send a reply", pushed)
+        if isinstance(popped, Exception):
+            raise self._unavailable("wait for requests", popped)
+        return None if popped is None else bytes(popped[1])
 
     def pop_reply(self, reply_key: str, timeout: float) -> bytes | None:
         """See :meth:`Coordinator.pop_reply`."""
@@ -360,5 +445,111 @@ class RedisCoordinator:
 
     def close(self) -> None:
         """Drop the connections. Idempotent."""
+        self._own.close()
         self._client.close()
         self._client.connection_pool.disconnect()
+
+
+class _AsyncLink:
+    """One event loop's connections to the engine: the idle ones, at most
+    :data:`_ASYNC_CONNECTIONS` in use (each waiting call holds one; more wait for one).
+
+    Commands go out packed in one write and their replies are read in order, on a
+    connection of redis-py's (its RESP parser, TLS and ACL login), without a client's
+    per-command machinery: a call to another node spends its time in the engine, not here.
+    """
+
+    def __init__(self, pool: redis.asyncio.ConnectionPool) -> None:
+        self._pool = pool
+        self._idle: list[redis.asyncio.connection.AbstractConnection] = []
+        self._slots = asyncio.Semaphore(_ASYNC_CONNECTIONS)
+        self._closed = False
+
+    async def roundtrip(self, *commands: tuple[Arg, ...]) -> list[Any]:
+        """The replies of ``commands``; an error reply raises (its connection is dropped)."""
+        async with self._slots:
+            connection = self._idle.pop() if self._idle else self._pool.connection_class(
+                **self._pool.connection_kwargs)
+            try:
+                await connection.send_packed_command(connection.pack_commands(commands),
+                                                     check_health=False)
+                replies = [await connection.read_response() for _ in commands]
+            except BaseException:
+                # An error, a timeout or a cancelled request (its client left): replies may
+                # be unread on this connection, so it is never used again.
+                await connection.disconnect()
+                raise
+            if self._closed:
+                await connection.disconnect()
+            else:
+                self._idle.append(connection)
+            return replies
+
+    async def close(self) -> None:
+        """Close the idle connections (those in use close when their call ends)."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.disconnect()
+
+
+class _ThreadLinks:
+    """A connection of each thread's own (the request workers': a blocking pop never waits
+    for a pooled connection, and a reply and the next pop go out in one write).
+
+    Like :class:`_AsyncLink`, commands are packed in one write and replies read in order.
+    """
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._local = threading.local()
+        self._made: list[redis.connection.AbstractConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _connection(self) -> redis.connection.AbstractConnection:
+        if self._closed:
+            raise redis.exceptions.ConnectionError("the coordinator is closed")
+        connection: redis.connection.AbstractConnection | None = getattr(
+            self._local, "connection", None)
+        if connection is None:
+            connection = self._pool.connection_class(**self._pool.connection_kwargs)
+            with self._lock:
+                if self._closed:
+                    raise redis.exceptions.ConnectionError("the coordinator is closed")
+                self._made.append(connection)
+            self._local.connection = connection
+        return connection
+
+    def roundtrip(self, *commands: tuple[Arg, ...]) -> list[Any]:
+        """The replies of ``commands``; an error reply is returned as its exception."""
+        connection = self._connection()
+        replies: list[Any] = []
+        try:
+            packed = connection.pack_commands(commands)  # type: ignore[no-untyped-call,unused-ignore]
+            connection.send_packed_command(packed, check_health=False)  # type: ignore[no-untyped-call,unused-ignore]
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            # Replies may be unread: the next command reconnects.
+            connection.disconnect()  # type: ignore[no-untyped-call,unused-ignore]
+            raise
+        return replies
+
+    def command(self, *args: Arg) -> Any:
+        """One command's reply (an error reply raises)."""
+        (reply,) = self.roundtrip(args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        """Disconnect every thread's connection (a later command raises ConnectionError)."""
+        with self._lock:
+            self._closed = True
+            made, self._made = self._made, []
+        for connection in made:
+            connection.disconnect()  # type: ignore[no-untyped-call,unused-ignore]

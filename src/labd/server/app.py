@@ -91,6 +91,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         web_routes.stopped(app)
+        node = routes_lab.lab_of(context)
+        if node is not None:  # the engine connections of this loop (calls to other nodes)
+            await node.coordinator.close_async()
         context.metrics.detach(timeout=0.5)
         busy = context.offloader.close(timeout=0.0)  # idle workers exit; busy ones when done
         if busy:

@@ -9,6 +9,7 @@ while it is unreachable). Without an engine none of this runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import Response
@@ -85,13 +86,16 @@ async def call_on_other_node(
     seconds = max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
     what = f"{device_id}.{method}() on node {node.node_of(device_id)!r}"
 
-    def job() -> bytes:
-        result = node.call(device_id, method, args, kwargs, actor, timeout=seconds,
-                           queries_only=queries_only)
+    async def slow(job: Callable[[], bytes]) -> bytes:  # a slow or large reply
+        return await ctx.run(job, what=what, timeout=timeout)
+
+    def answer(result: Any) -> bytes:
         return b'{"result":' + dumps(result, f"the result of {what}") + b',"success":true}'
 
     try:
-        return await ctx.run(job, what=what, timeout=timeout)
+        # On the loop: the request and a prompt reply cost no thread hand-off (labd.lab.calls).
+        return await node.call_async(device_id, method, args, kwargs, actor, seconds, slow,
+                                     answer, queries_only=queries_only)
     except QueriesOnlyError as exc:
         assert token is not None
         refused = Forbidden(f"{exc} The token of user {token.user!r} has {token.role!r}. Ask "
