@@ -9,11 +9,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import labd
 from labd.lab import LabNode, LabTimings, connect_engine
-from labd.testing import FakeDevice
+from labd.testing import FakeDevice, running_server
 from test_lab_support import REDIS_SERVER, free_port, needs_redis_server, wait_until
 
 OPENSSL = shutil.which("openssl")
@@ -102,6 +103,10 @@ def test_nodes_work_through_tls_with_their_own_acl_users(tls_engine: tuple[int, 
         with b.daemon.claim(["laser"], owner="alice"):
             b.daemon.call_device("laser", "set_value", [13])
         assert a.daemon.call_device("laser", "get_value") == 13
+        with running_server(b.daemon) as server:  # the server's loop has a TLS link of its own
+            answer = httpx.post(server.url + "/devices/laser/call",
+                                json={"method": "get_value"}, timeout=10)
+        assert answer.json() == {"result": 13, "success": True}
     finally:
         _close(b, a)
 
