@@ -104,7 +104,8 @@ class Lab:
         self.nodes: list[LabNode] = []
 
     def node(self, name: str, *device_ids: str, start: bool = True, **kw: Any) -> LabNode:
-        daemon = labd.LabDaemon()
+        """A started node serving ``device_ids`` (Fake); ``store=PATH`` keeps its run history."""
+        daemon = labd.LabDaemon(store=kw.pop("store", None))
         daemon.register_plugins(devices={"Fake": FakeDevice}, tasks={"Drive": Drive})
         for device_id in device_ids:
             daemon.add_device(device_id, "Fake")

@@ -21,6 +21,7 @@ from labd.server.context import ServerContext, get_context
 __all__ = [
     "ID_REGEX",
     "MIN_REQUEST_TIMEOUT",
+    "NODE_REGEX",
     "AddDeviceRequest",
     "CallRequest",
     "ConnectRequest",
@@ -44,6 +45,8 @@ __all__ = [
 #: Ids of devices, tasks and leases (docs/http-api.md).
 ID_REGEX = r"^[A-Za-z0-9_\-.:]{1,128}$"
 _ID_HELP = "1 to 128 letters, digits or the characters _ - . :"
+#: Names of the nodes of a lab (labd.lab.settings).
+NODE_REGEX = r"^[A-Za-z0-9_.\-]{1,64}$"
 #: Shortest ``?timeout=`` a request may ask for (seconds); the longest is a server setting.
 MIN_REQUEST_TIMEOUT = 0.001
 TIMEOUT_HELP = (f"Request timeout in seconds, from {MIN_REQUEST_TIMEOUT} to the server's "
@@ -69,6 +72,9 @@ class AddDeviceRequest(_Body):
     device_type: StrictStr = Field(min_length=1, max_length=256)
     params: dict[str, Any] = Field(default_factory=dict)
     connect: StrictBool = Field(False, description="Also connect the device.")
+    node: StrictStr | None = Field(
+        None, pattern=NODE_REGEX,
+        description="On a node of a lab: the live node to add it to (default: this node).")
 
 
 class ConnectRequest(_Body):

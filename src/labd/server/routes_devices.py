@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from labd.devices import DeviceSlot
 from labd.errors import InvalidArgumentError, LabDaemonException, UnknownNameError, utc_now_iso
+from labd.lab import answers
 from labd.ownership import acting_as
 from labd.server.auth import Token, current_token
 from labd.server.context import ServerContext, guard_device_code
@@ -38,12 +39,13 @@ from labd.server.models import (
 )
 from labd.server.routes_lab import (
     act_on_other_node,
+    add_on_other_node,
     ask_other_node,
     call_on_other_node,
     merge_devices,
 )
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
-from labd.signatures import device_constructor_signature, signature_of
+from labd.signatures import signature_of
 
 __all__ = ["ROUTES"]
 
@@ -96,34 +98,30 @@ async def get_device_methods(device_id: DeviceIdPath, ctx: Ctx) -> Response:
 async def add_device(
     body: AddDeviceRequest, ctx: Ctx, actor: RemoteActor, timeout: TimeoutQuery = None,
 ) -> Response:
-    """Construct a device of a registered type (and connect it if asked)."""
+    """Construct a device of a registered type (and connect it if asked).
+
+    On a node of a lab, ``node`` names the live node to add it to (this one if absent).
+    """
     clash = sorted(_RESERVED_PARAMS & set(body.params))
     if clash:
         raise InvalidArgumentError(
             f"params must not contain {clash}: device_id and device_type are fields of the body.")
+    lab = ctx.daemon.lab
+    if body.node is not None and (lab is None or body.node != lab.name):
+        # Another node's device type, checked there (routes_lab).
+        added = await add_on_other_node(ctx, body, actor, timeout)
+        return json_response(added, status_code=201)
     daemon, device_id = ctx.daemon, body.device_id
-    params = _validated_params(daemon.device_class(body.device_type), body)
+    params = answers.device_params(daemon, body.device_type, body.params)  # 422 before any work
 
     def job() -> bytes:
         with acting_as(actor):
-            guard_device_code(lambda: daemon.add_device(device_id, body.device_type, **params),
-                              device_id, f"{body.device_type}(...) constructor")
-            if body.connect:
-                daemon.connect_device(device_id)
+            answers.add_device(daemon, device_id, body.device_type, params, body.connect)
         return _info_bytes(ctx, device_id)
 
     info = await ctx.run_for_device(device_id, job, what=f"adding device {device_id!r}",
                                     timeout=timeout)
     return json_bytes_response(info, status_code=201)
-
-
-def _validated_params(cls: Any, body: AddDeviceRequest) -> dict[str, Any]:
-    """``body.params`` checked and converted against the constructor's annotations (422)."""
-    signature = device_constructor_signature(cls, body.params) if isinstance(cls, type) else None
-    if signature is None:
-        return body.params
-    _, params = signature.validate((), body.params, f"device type {body.device_type!r}")
-    return params
 
 
 async def connect_device(
@@ -270,14 +268,26 @@ async def get_device_error(
     device_id: DeviceIdPath, ctx: Ctx, show_tracebacks: ShowTracebacks,
 ) -> Response:
     """The device's last error record, or null; its traceback for admins (or without tokens)."""
-    record = ctx.daemon.get_device_error(device_id)
+    try:
+        record = ctx.daemon.get_device_error(device_id)
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        error = await ask_other_node(ctx, device_id, "device_error", None,  # routes_lab
+                                     tracebacks=show_tracebacks)
+        return json_response({"error": error})
     return json_response(
         {"error": record.to_dict(include_traceback=show_tracebacks) if record is not None else None})
 
 
 async def clear_device_error(device_id: DeviceIdPath, ctx: Ctx) -> Response:
     """Forget the device's last error. A JSON answer: LabDaemon's ServerAPI parses every one."""
-    ctx.daemon.clear_device_error(device_id)
+    try:
+        ctx.daemon.clear_device_error(device_id)
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        await ask_other_node(ctx, device_id, "device_error", None, clear=True)  # routes_lab
     return json_response({"status": "cleared", "device_id": device_id})
 
 

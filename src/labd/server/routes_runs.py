@@ -6,6 +6,9 @@ read runs on a worker thread (a large history or a prune in progress must never 
 event loop), and the answer is encoded there too. NumPy arrays that the store keeps in side
 files come back as lists. Stored tracebacks are shown to admins only (with tokens; without
 tokens, to everyone): for others ``traceback`` is null, as in immediate error answers.
+
+On a node of a lab ``GET /runs`` merges every live node's history; a run or a device this node
+does not have is read from the live node that has it (:mod:`labd.lab.answers`, the same reads).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from typing import Annotated, Any
 from fastapi import Query
 from starlette.responses import Response
 
-from labd.errors import InvalidArgumentError
+from labd.errors import InvalidArgumentError, UnknownTaskError
+from labd.lab.answers import device_error_history, run_record
 from labd.server.context import ServerContext
 from labd.server.encoding import dumps_lenient
 from labd.server.models import Ctx, DeviceIdPath, ShowTracebacks, TaskIdPath, hide_tracebacks
+from labd.server.routes_lab import ask_other_node
 from labd.server.routing import RouteSpec, json_bytes_response
 from labd.tasks import TaskState
 
@@ -30,8 +35,6 @@ __all__ = ["MAX_PAGE", "ROUTES", "parse_since"]
 MAX_PAGE = 1000
 #: Largest ``limit`` of the event and error-history endpoints.
 MAX_EVENTS = 10_000
-# How long a read waits for the store's writer to commit what is queued before reading.
-_FLUSH_S = 2.0
 
 StatusQuery = Annotated[
     TaskState | None, Query(description="Only runs in this state.")
@@ -117,22 +120,29 @@ async def list_runs(
     return json_bytes_response(body)
 
 
+def _record(ctx: ServerContext, task_id: str, events_limit: int | None = None) -> dict[str, Any]:
+    """The run's record from this node's history; on a node of a lab, else from the first
+    live node that has it, with its ``node`` (UnknownTaskError if none has it)."""
+    try:
+        return run_record(ctx.daemon, task_id, events_limit)
+    except UnknownTaskError:
+        lab = ctx.daemon.lab
+        if lab is None:
+            raise
+        node, record = lab.find_record(task_id, events_limit)
+        return {**record, "node": node}
+
+
 async def get_run(task_id: TaskIdPath, ctx: Ctx, show_tracebacks: ShowTracebacks) -> Response:
     """One run's full record: parameters, progress, result, error (traceback: admins), events."""
-    body = await ctx.run(lambda: dumps_lenient(_run_for(ctx.daemon.get_run(task_id), show_tracebacks)),
+    body = await ctx.run(lambda: dumps_lenient(_run_for(_record(ctx, task_id), show_tracebacks)),
                          what=f"reading run {task_id!r} from the history")
     return json_bytes_response(body)
 
 
 def _events(ctx: ServerContext, task_id: str, limit: int) -> bytes:
-    store = ctx.daemon.store
-    record = None
-    if store is not None:
-        store.flush(timeout=_FLUSH_S)
-        record = store.get_run(task_id, events_limit=limit)
-    if record is None:  # no store (events are not kept in memory), or raises UnknownTaskError
-        record = ctx.daemon.get_run(task_id)
-    events = list(record.get("events") or [])[-limit:]
+    # Without a store the record has no events (they are not kept in memory).
+    events = list(_record(ctx, task_id, limit).get("events") or [])[-limit:]
     return dumps_lenient({"task_id": task_id, "events": events})
 
 
@@ -145,16 +155,7 @@ async def get_run_events(
     return json_bytes_response(body)
 
 
-def _device_errors(ctx: ServerContext, device_id: str, limit: int, show_tracebacks: bool) -> bytes:
-    store = ctx.daemon.store
-    if store is not None:
-        # History outlives the device: a device removed (or not re-added after a restart)
-        # still has its recorded errors.
-        store.flush(timeout=_FLUSH_S)
-        errors = store.device_errors(device_id, limit=limit)
-    else:
-        last = ctx.daemon.get_device_error(device_id)  # UnknownDeviceError for a bad id
-        errors = [last.to_dict()] if last is not None else []
+def _errors_body(device_id: str, errors: list[dict[str, Any]], show_tracebacks: bool) -> bytes:
     if not show_tracebacks:
         errors = [hide_tracebacks(error) for error in errors]
     return dumps_lenient({"device_id": device_id, "errors": errors})
@@ -164,9 +165,20 @@ async def get_device_error_history(
     device_id: DeviceIdPath, ctx: Ctx, show_tracebacks: ShowTracebacks,
     limit: EventsLimitQuery = 100,
 ) -> Response:
-    """Every recorded error of a device, newest first (tracebacks: admins, or without tokens)."""
-    body = await ctx.run(lambda: _device_errors(ctx, device_id, limit, show_tracebacks),
-                         what=f"reading the error history of device {device_id!r}")
+    """Every recorded error of a device, newest first (tracebacks: admins, or without tokens).
+
+    With a store, history outlives the device: a device removed (or not re-added after a
+    restart) still has its recorded errors; without one, an unknown id is 404. On a node of a
+    lab, a device another live node serves has its history there.
+    """
+    lab = ctx.daemon.lab
+    if lab is not None and device_id not in ctx.daemon.device_ids() and lab.knows(device_id):
+        errors = await ask_other_node(ctx, device_id, "device_errors", None, limit=limit)
+        return json_bytes_response(_errors_body(device_id, errors, show_tracebacks))
+    body = await ctx.run(
+        lambda: _errors_body(device_id, device_error_history(ctx.daemon, device_id, limit),
+                             show_tracebacks),
+        what=f"reading the error history of device {device_id!r}")
     return json_bytes_response(body)
 
 

@@ -9,19 +9,22 @@ With tokens a run belongs to the user who started it: only that user or an admin
 pause, resume or set parameters of it (403 naming the owner). A run nobody owns (started by a
 script in the daemon's process) is anyone's, as a device nobody owns takes anyone's commands.
 Stored tracebacks are shown to admins only. Without tokens nothing is checked (one PC).
+
+On a node of a lab a run another node started is reached through the engine (routes_lab):
+its node answers as its own routes would (:mod:`labd.lab.answers`) and checks the owner rule
+against the caller's user (and whether an admin) sent along, so every node answers the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import Path
 from starlette.responses import Response
 
 from labd.errors import InvalidArgumentError, LabDaemonException, UnknownNameError
+from labd.lab import answers
 from labd.ownership import acting_as
-from labd.secrets import REDACTED, is_secret_name
 from labd.server.auth import Caller, Token
 from labd.server.context import ServerContext
 from labd.server.encoding import dumps, dumps_lenient
@@ -35,7 +38,7 @@ from labd.server.models import (
     TaskRequest,
     TimeoutQuery,
 )
-from labd.server.routes_lab import control_on_other_node, task_on_other_node
+from labd.server.routes_lab import run_request_on_other_node, task_on_other_node
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 from labd.signatures import constructor_signature
 from labd.tasks import TaskHandle
@@ -43,18 +46,7 @@ from labd.tasks import TaskHandle
 __all__ = ["ROUTES"]
 
 _RESERVED_PARAMS = frozenset({"task_id", "task_type", "wait_for_devices"})
-T = TypeVar("T")
 ParameterKey = Annotated[str, Path(min_length=1, max_length=256)]
-
-
-def _guard_task_code(fn: Callable[[], T], failure: str) -> T:
-    # The task's own set_parameter/get_parameter refusing a value is bad input (400).
-    try:
-        return fn()
-    except LabDaemonException:
-        raise
-    except Exception as exc:
-        raise InvalidArgumentError(f"{failure}: {type(exc).__name__}: {exc}") from exc
 
 
 def _task_info(handle: TaskHandle) -> dict[str, Any]:
@@ -63,21 +55,49 @@ def _task_info(handle: TaskHandle) -> dict[str, Any]:
     return info
 
 
+def _identity(caller: Token | None) -> dict[str, Any] | None:
+    """Who acts, as a run's node checks it (:func:`labd.lab.answers.may_act_on`)."""
+    return None if caller is None else {"user": caller.user, "admin": caller.allows("admin")}
+
+
 def _owned_run(ctx: ServerContext, task_id: str, caller: Token | None, action: str) -> TaskHandle:
     """The run (404 if unknown), if ``caller`` may ``action`` it; else 403 naming its owner."""
     handle = ctx.daemon.get_task(task_id)
-    if caller is None or caller.allows("admin"):
+    if caller is None or caller.allows("admin"):  # no need to build the run's info
         return handle
     owner = handle.info()["owner"]
-    if owner is None or owner == caller.user:
-        return handle
+    if not answers.may_act_on(owner, _identity(caller)):
+        raise _refusal(task_id, owner, caller, action)
+    return handle
+
+
+def _refusal(task_id: str, owner: str, caller: Token, action: str) -> Forbidden:
+    """The 403 for ``caller``, who may not ``action`` a run of ``owner``, on any node."""
     error = Forbidden(
         f"Run {task_id!r} belongs to {owner!r}: only {owner!r} or an admin may {action} it, "
         f"and the token of user {caller.user!r} has {caller.role!r}. Ask {owner!r} or an admin.")
     error.labd_context = {  # type: ignore[attr-defined]
         "task_id": task_id, "owner": owner, "user": caller.user, "role": caller.role,
         "required_role": "admin"}
-    raise error
+    return error
+
+
+async def _on_other_node(
+    ctx: ServerContext, task_id: str, request: dict[str, Any], timeout: float | None = None,
+    *, caller: Token | None = None, action: str | None = None,
+) -> Any:
+    """``request`` about a run another node started, answered there (404 if none did).
+
+    ``action``: a request only the run's owner or an admin may make (``caller`` is who asks);
+    that node decides, and its refusal is the same 403 as a refusal here.
+    """
+    if action is not None:
+        request = {**request, "caller": _identity(caller)}
+    answer = await run_request_on_other_node(ctx, task_id, request, timeout)
+    if action is not None and isinstance(answer, dict) and "refused_owner" in answer:
+        assert caller is not None  # a run's node refuses only a caller it was told of
+        raise _refusal(task_id, answer["refused_owner"], caller, action)
+    return answer
 
 
 async def list_tasks(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
@@ -155,14 +175,25 @@ async def get_task_error(
     task_id: TaskIdPath, ctx: Ctx, show_tracebacks: ShowTracebacks,
 ) -> Response:
     """The run's error record, or null; its traceback for admins (or without tokens)."""
-    record = ctx.daemon.get_task_error(task_id)
+    try:
+        record = ctx.daemon.get_task_error(task_id)
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        error = await _on_other_node(ctx, task_id, {"op": "task_error", "tracebacks": show_tracebacks})
+        return json_response({"error": error})
     return json_response(
         {"error": record.to_dict(include_traceback=show_tracebacks) if record is not None else None})
 
 
 async def clear_task_error(task_id: TaskIdPath, ctx: Ctx) -> Response:
     """Forget the run's error record. A JSON answer: LabDaemon's ServerAPI parses every one."""
-    ctx.daemon.clear_task_error(task_id)
+    try:
+        ctx.daemon.clear_task_error(task_id)
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        await _on_other_node(ctx, task_id, {"op": "task_error", "clear": True})
     return json_response({"status": "cleared", "task_id": task_id})
 
 
@@ -175,7 +206,8 @@ async def _control_run(
     except UnknownNameError:
         if ctx.daemon.lab is None:
             raise
-        await control_on_other_node(ctx, task_id, caller, action)  # another node's run
+        await _on_other_node(ctx, task_id, {"op": "task_control", "action": action},
+                             caller=caller, action=action)
     else:
         getattr(handle, action)()
     return json_response({"status": status, "task_id": task_id})
@@ -201,15 +233,20 @@ async def set_task_parameter(
     timeout: TimeoutQuery = None,
 ) -> Response:
     """Call the run's ``set_parameter(key, value)`` (409 TaskError if it has none). Owner or admin."""
-    handle = _owned_run(ctx, task_id, caller, "set parameters of")
-
-    def job() -> None:
-        with acting_as(actor):
-            _guard_task_code(lambda: handle.set_parameter(body.key, body.value),
-                             f"Task {task_id!r} rejected parameter {body.key!r}")
-
-    await ctx.run(job, what=f"setting parameter {body.key!r} of task {task_id!r}", timeout=timeout)
-    return json_response({"status": "parameter_set", "key": body.key, "value": body.value})
+    answer = {"status": "parameter_set", "key": body.key, "value": body.value}
+    action = "set parameters of"
+    try:
+        handle = _owned_run(ctx, task_id, caller, action)
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        await _on_other_node(ctx, task_id, {  # another node's run: checked there
+            "op": "set_parameter", "key": body.key, "value": body.value,
+            "principal": actor.principal}, timeout, caller=caller, action=action)
+        return json_response(answer)
+    await ctx.run(lambda: answers.set_task_parameter(handle, body.key, body.value, actor),
+                  what=f"setting parameter {body.key!r} of task {task_id!r}", timeout=timeout)
+    return json_response(answer)
 
 
 async def get_task_parameter(
@@ -217,14 +254,17 @@ async def get_task_parameter(
     timeout: TimeoutQuery = None,
 ) -> Response:
     """Call the run's ``get_parameter(key)`` (409 TaskError if it has none)."""
-    handle = ctx.daemon.get_task(task_id)  # an unknown id is 404 before any work starts
+    try:
+        handle = ctx.daemon.get_task(task_id)  # an unknown id is 404 before any work starts
+    except UnknownNameError:
+        if ctx.daemon.lab is None:
+            raise
+        return json_response(await _on_other_node(  # another node's run; redacted there
+            ctx, task_id, {"op": "get_parameter", "key": key, "principal": actor.principal},
+            timeout))
 
     def job() -> bytes:
-        with acting_as(actor):
-            value = _guard_task_code(lambda: handle.get_parameter(key),
-                                     f"Task {task_id!r} could not read parameter {key!r}")
-        if is_secret_name(key):  # a password or token is never returned (labd.secrets)
-            value = REDACTED
+        value = answers.read_task_parameter(handle, key, actor)
         return dumps({"key": key, "value": value}, f"parameter {key!r} of task {task_id!r}")
 
     body = await ctx.run(job, what=f"reading parameter {key!r} of task {task_id!r}", timeout=timeout)
