@@ -30,9 +30,11 @@ from labd.errors import (
     DeviceBusyError,
     InvalidArgumentError,
     UnknownDeviceError,
+    UnknownNameError,
     UnknownTaskError,
     describe_choices,
 )
+from labd.lab.answers import ANSWERS, RUN_ACTIONS, may_act_on
 from labd.lab.calls import RequestWorkers, call_request, claim_lost, send_call, send_call_async
 from labd.lab.claims import EngineClaims, RemoteClaim
 from labd.lab.coordinator import Coordinator
@@ -54,8 +56,6 @@ __all__ = ["LabNode", "RemoteDevice", "RemoteRun"]
 T = TypeVar("T")
 log = logging.getLogger("labd.lab")
 
-#: What another node may ask of a run (the TaskHandle methods of the same names).
-_RUN_ACTIONS = frozenset({"cancel", "pause", "resume"})
 #: What another node may do to a device besides calling its methods.
 _DEVICE_ACTIONS = frozenset({"connect", "disconnect", "stop_streaming"})
 
@@ -429,9 +429,32 @@ class LabNode:
             timeout)
         return {**info, "node": node}
 
-    def ask(self, device_id: str, op: str, timeout: float | None = None) -> Any:
-        """A remote device's ``info`` (its ``GET /devices/{id}``) or ``methods``."""
-        return self._request(self._locate(device_id), {"op": op, "device": device_id}, timeout)
+    def ask(self, device_id: str, op: str, timeout: float | None = None, **fields: Any) -> Any:
+        """Ask the node that serves ``device_id``: its ``info`` (``GET /devices/{id}``),
+        ``methods``, ``device_error`` (``tracebacks=``, or ``clear=True``) or
+        ``device_errors`` (its error history, ``limit=``)."""
+        return self._request(self._locate(device_id),
+                             {**fields, "op": op, "device": device_id}, timeout)
+
+    def add_device(
+        self, node: str, device_id: str, device_type: str, params: Mapping[str, Any],
+        connect: bool, actor: Actor, timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Add a device to the live node ``node`` as ``actor`` (``POST /devices`` there): its
+        info, with its ``node``. The node checks ``params`` against its own device type.
+
+        Raises :class:`UnknownNameError` naming the live nodes if ``node`` is not one.
+        """
+        nodes = self.nodes()
+        if node not in nodes:
+            raise UnknownNameError(
+                f"No live node {node!r} in the lab to add device {device_id!r} to; live nodes: "
+                f"{describe_choices(nodes)}.")
+        info = self._request(node, {
+            "op": "add_device", "device": device_id, "device_type": device_type,
+            "params": dict(params), "connect": connect, "principal": actor.principal}, timeout)
+        self._directory[device_id] = node  # registered before the answer: known here at once
+        return {**info, "node": node}
 
     # -- requests from other nodes -------------------------------------------------------------
     def _handle(self, request: dict[str, Any]) -> Any:
@@ -455,13 +478,6 @@ class LabNode:
         if op == "task_info":
             handle = self.daemon.get_task(str(request.get("task")))
             return {**handle.info(), "result": handle.result}
-        if op == "task_control":
-            handle = self.daemon.get_task(str(request.get("task")))
-            action = request.get("action")
-            if action not in _RUN_ACTIONS:
-                raise InvalidArgumentError(f"Unknown run action {action!r}.")
-            getattr(handle, str(action))()
-            return None
         if op == "tasks":
             return [{**handle.info(), "result": handle.result}
                     for handle in self.daemon.task_handles()]
@@ -473,7 +489,20 @@ class LabNode:
             return self.daemon.device_methods(str(request.get("device")))
         if op == "info":
             return self.daemon.device_info(str(request.get("device")))
-        raise UnknownDeviceError(f"Node {self.name!r} does not know the request {op!r}.")
+        answer = ANSWERS.get(str(op))  # runs, error records, history, adding a device
+        if answer is None:
+            raise UnknownDeviceError(f"Node {self.name!r} does not know the request {op!r}.")
+        result = answer(self.daemon, request)
+        if op == "add_device":
+            self._register_now()
+        return result
+
+    def _register_now(self) -> None:
+        """Register a device just added, so the caller's node finds it once it has the answer."""
+        try:
+            self._register()
+        except EngineUnavailableError:
+            pass  # the heartbeat registers it once the engine is back
 
     def _handle_call(self, request: dict[str, Any]) -> Any:
         device_id = str(request.get("device"))
@@ -683,20 +712,40 @@ class LabNode:
 
         Raises :class:`UnknownTaskError` if no live node answering within ``timeout`` has it.
         """
+        node, info = self._first_with(task_id, {"op": "task_info"}, timeout,
+                                      f"No task run with id {task_id!r} on this node or any")
+        return node, {**info, "node": node}
+
+    def find_record(
+        self, task_id: str, events_limit: int | None = None, timeout: float = 2.0,
+    ) -> tuple[str, dict[str, Any]]:
+        """The live node whose run history has run ``task_id``, and its record (``GET
+        /runs/{id}``; with ``events_limit``, its last ``events_limit`` events).
+
+        Raises :class:`UnknownTaskError` if no live node answering within ``timeout`` has it.
+        """
+        return self._first_with(
+            task_id, {"op": "run", "events_limit": events_limit}, timeout,
+            f"No run with id {task_id!r} in the run history of this node or of any")
+
+    def _first_with(
+        self, task_id: str, request: dict[str, Any], timeout: float, missing: str,
+    ) -> tuple[str, Any]:
+        """The first other live node (by name) that answers ``request`` about ``task_id``
+        other than UnknownTaskError, and its answer; a node that does not answer is skipped.
+
+        None does: UnknownTaskError, ``missing`` followed by the live nodes."""
         for node in sorted(self._nodes):
             if node == self.name:
                 continue
             try:
-                info = self._request(node, {"op": "task_info", "task": task_id}, timeout)
+                return node, self._request(node, {**request, "task": task_id}, timeout)
             except UnknownTaskError:
                 continue
             except Exception as exc:  # a node down or frozen: look at the others
                 log.info("lab: node %r did not say whether it has run %r: %s", node, task_id, exc)
                 continue
-            return node, {**info, "node": node}
-        raise UnknownTaskError(
-            f"No task run with id {task_id!r} on this node or any live node of the lab "
-            f"({describe_choices(self._nodes)}).")
+        raise UnknownTaskError(f"{missing} live node of the lab ({describe_choices(self._nodes)}).")
 
     def run_stream(self, task_id: str) -> tuple[RemoteRun, StreamHub]:
         """Another node's run and this node's hub of its progress stream (relayed).
@@ -710,11 +759,33 @@ class LabNode:
             return run, StreamHub(f"{task_id}@{node}")
         return run, self.streams.task_hub(node, task_id)
 
-    def control_run(self, node: str, task_id: str, action: str) -> None:
-        """Ask ``node`` to ``cancel``, ``pause`` or ``resume`` its run ``task_id``."""
-        if action not in _RUN_ACTIONS:
-            raise InvalidArgumentError(f"action must be one of {sorted(_RUN_ACTIONS)}, got {action!r}")
-        self._request(node, {"op": "task_control", "task": task_id, "action": action}, None)
+    def control_run(
+        self, node: str, task_id: str, action: str, caller: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Ask ``node`` to ``cancel``, ``pause`` or ``resume`` its run ``task_id``.
+
+        ``caller`` (``{"user", "admin"}``) may act on its own runs only, unless an admin:
+        refused, the answer is ``{"refused_owner": owner}`` (see :mod:`labd.lab.answers`).
+        """
+        if action not in RUN_ACTIONS:
+            raise InvalidArgumentError(f"action must be one of {sorted(RUN_ACTIONS)}, got {action!r}")
+        answer: dict[str, Any] | None = self._request(node, {
+            "op": "task_control", "task": task_id, "action": action, "caller": caller}, None)
+        return answer
+
+    def ask_run(self, task_id: str, request: dict[str, Any], timeout: float | None = None) -> Any:
+        """Send ``request`` (an op of :data:`labd.lab.answers.ANSWERS`) about run ``task_id`` to
+        the live node that has it (:meth:`find_run`): its answer, or its error raised here.
+
+        A request with a ``caller`` is one only the run's owner or an admin may make: the run's
+        node decides, and the owner it named when found is checked here first too (a node of an
+        older labd ignores ``caller``). A node that does not answer within ``timeout`` is
+        ``DeviceTimeoutError`` naming it.
+        """
+        node, info = self.find_run(task_id)
+        if "caller" in request and not may_act_on(info.get("owner"), request["caller"]):
+            return {"refused_owner": info.get("owner")}
+        return self._request(node, {**request, "task": task_id}, timeout)
 
     # -- streams -------------------------------------------------------------------------------
     def stream_hub(self, device_id: str) -> StreamHub:

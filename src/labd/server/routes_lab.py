@@ -4,7 +4,9 @@ On a node of a lab (``labd serve --engine ... --node NAME``) ``GET /devices`` al
 devices of every other live node, each with its ``node``; ``POST /devices/{id}/call`` on a
 device another node serves goes through the engine (:mod:`labd.lab`), with the same role
 rules as a local call; ``/health`` carries the lab's part (``degraded`` naming the engine
-while it is unreachable). Without an engine none of this runs.
+while it is unreachable). A run another node started, another node's error records and
+history, and ``POST /devices`` naming another ``node`` go to that node the same way, which
+answers as its own routes would (:mod:`labd.lab.answers`). Without an engine none of this runs.
 """
 
 from __future__ import annotations
@@ -22,19 +24,20 @@ from labd.server.auth import Token
 from labd.server.context import ServerContext
 from labd.server.encoding import dumps, dumps_lenient
 from labd.server.errors import Forbidden
-from labd.server.models import Ctx, TimeoutQuery
+from labd.server.models import AddDeviceRequest, Ctx, TimeoutQuery
 from labd.server.routing import RouteSpec, json_bytes_response, json_response
 from labd.streaming import StreamHub
 
 __all__ = [
     "ROUTES",
     "act_on_other_node",
+    "add_on_other_node",
     "ask_other_node",
     "call_on_other_node",
-    "control_on_other_node",
     "lab_health",
     "merge_devices",
     "run_on_other_node",
+    "run_request_on_other_node",
     "task_on_other_node",
 ]
 
@@ -83,7 +86,7 @@ async def call_on_other_node(
     # Only the device's node knows query from command: a viewer's call goes marked, and a
     # command comes back refused (403, as a local /call answers).
     queries_only = token is not None and not token.allows("operator")
-    seconds = max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
+    seconds = _seconds(ctx, timeout)
     what = f"{device_id}.{method}() on node {node.node_of(device_id)!r}"
 
     async def slow(job: Callable[[], bytes]) -> bytes:  # a slow or large reply
@@ -105,10 +108,16 @@ async def call_on_other_node(
         raise refused from None
 
 
+def _seconds(ctx: ServerContext, timeout: float | None) -> float:
+    """How long a request to another node may wait: the request's timeout, less the reply's way."""
+    return max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
+
+
 async def ask_other_node(
-    ctx: ServerContext, device_id: str, op: str, timeout: float | None,
+    ctx: ServerContext, device_id: str, op: str, timeout: float | None, **fields: Any,
 ) -> Any:
-    """A device's ``info`` (with its ``node``) or ``methods`` from the node that serves it.
+    """A device's ``info`` (with its ``node``), ``methods``, ``device_error`` or
+    ``device_errors`` from the node that serves it (``fields`` go with the request).
 
     Raises :class:`UnknownDeviceError` (404) if no live node serves ``device_id``.
     """
@@ -116,8 +125,8 @@ async def ask_other_node(
     if node is None or not node.knows(device_id):
         raise UnknownDeviceError(
             f"No device found with ID: '{device_id}' on this node or any live node of the lab.")
-    seconds = max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
-    answer = await ctx.run(lambda: node.ask(device_id, op, seconds),
+    seconds = _seconds(ctx, timeout)
+    answer = await ctx.run(lambda: node.ask(device_id, op, seconds, **fields),
                            what=f"asking node {node.node_of(device_id)!r} about {device_id!r}",
                            timeout=timeout)
     if op == "info" and isinstance(answer, dict):
@@ -134,7 +143,7 @@ async def act_on_other_node(
     if node is None or not node.knows(device_id):
         raise UnknownDeviceError(
             f"No device found with ID: '{device_id}' on this node or any live node of the lab.")
-    seconds = max(ctx.timeout(timeout) - _REPLY_MARGIN_S, 0.01)
+    seconds = _seconds(ctx, timeout)
     return await ctx.run(lambda: node.act(device_id, action, actor, seconds, bound),
                          what=f"{device_id}.{action}() on node {node.node_of(device_id)!r}",
                          timeout=timeout)
@@ -161,22 +170,35 @@ async def run_on_other_node(ctx: ServerContext, task_id: str) -> tuple[RemoteRun
     return await ctx.run(lambda: node.run_stream(task_id), what=f"following run {task_id!r}")
 
 
-async def control_on_other_node(
-    ctx: ServerContext, task_id: str, caller: Token | None, action: str,
-) -> None:
-    """``POST /tasks/{id}/cancel|pause|resume`` of a run another node started: its owner or
-    an admin."""
+async def run_request_on_other_node(
+    ctx: ServerContext, task_id: str, request: dict[str, Any], timeout: float | None,
+) -> Any:
+    """The answer of the node that started run ``task_id`` to ``request`` (an op of
+    :data:`labd.lab.answers.ANSWERS`); 404 if no live node has the run."""
     node = lab_of(ctx)
     if node is None:
         raise UnknownTaskError(f"No task run with id {task_id!r}.")
-    home, info = await ctx.run(lambda: node.find_run(task_id), what=f"finding run {task_id!r}")
-    owner = info.get("owner")
-    if caller is not None and not caller.allows("admin") and owner not in (None, caller.user):
-        raise Forbidden(
-            f"Run {task_id!r} (node {home!r}) belongs to {owner!r}: only {owner!r} or an admin "
-            f"may {action} it, and the token of user {caller.user!r} has {caller.role!r}.")
-    await ctx.run(lambda: node.control_run(home, task_id, action),
-                  what=f"{action} run {task_id!r} on node {home!r}")
+    seconds = _seconds(ctx, timeout)
+    return await ctx.run(lambda: node.ask_run(task_id, request, seconds),
+                         what=f"{request.get('op')} of run {task_id!r} on another node",
+                         timeout=timeout)
+
+
+async def add_on_other_node(
+    ctx: ServerContext, body: AddDeviceRequest, actor: Actor, timeout: float | None,
+) -> dict[str, Any]:
+    """``POST /devices`` naming another ``node``: add the device there (its info, with its
+    ``node``); 404 naming the live nodes if ``node`` is not one, 400 on a server without a lab."""
+    node, target = lab_of(ctx), str(body.node)
+    if node is None:
+        raise InvalidArgumentError(
+            f"node={target!r}: this server is not a node of a lab (it was started without an "
+            "engine), so it adds devices to itself only; leave out node.")
+    seconds = _seconds(ctx, timeout)
+    return await ctx.run(
+        lambda: node.add_device(target, body.device_id, body.device_type, body.params,
+                                body.connect, actor, seconds),
+        what=f"adding device {body.device_id!r} on node {target!r}", timeout=timeout)
 
 
 async def lab_nodes(ctx: Ctx, timeout: TimeoutQuery = None) -> Response:
