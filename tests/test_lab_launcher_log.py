@@ -170,6 +170,25 @@ def test_lab_up_refuses_a_node_name_unfit_for_a_file_name(tmp_path: Path) -> Non
     assert not (tmp_path / "labd-logs").exists()
 
 
+@pytest.mark.server
+def test_lab_up_does_not_restart_a_server_that_refuses_its_config(tmp_path: Path) -> None:
+    """``labd serve`` exiting with the usage code would fail the same way forever: the node
+    stays stopped, saying what to fix, and with nothing left to run ``labd lab up`` ends."""
+    (tmp_path / "a.toml").write_text('[devices.x]\ntype = "no_such_module:Nope"\n')
+    path = tmp_path / "lab-servers.toml"
+    path.write_text(f'[servers.a]\nconfig = "a.toml"\nport = {free_port()}\nargs = ["--no-db"]\n')
+    with LabdProcess("lab", "up", str(path), timeout=30) as up:
+        assert up.process.wait(30) == 2, "a server that refuses its config was restarted"
+        output = " ".join(up.output().split())
+    assert "cannot import module 'no_such_module'" in output
+    assert "a restart cannot fix that, so it stays stopped" in output
+    assert f"Fix {tmp_path / 'a.toml'} and run labd lab up again" in output
+    assert "every server refused its options or config" in output
+    log = (tmp_path / "labd-logs" / "a.log").read_text()
+    assert log.count("[labd lab up] started") == 1 and "restarting" not in log
+    assert "a restart cannot fix that, so it stays stopped" in log
+
+
 # ---------------------------------------------------------------------- the server page
 @contextmanager
 def _serve(env: dict[str, str | None]) -> Iterator[str]:

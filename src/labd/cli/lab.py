@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -261,7 +261,8 @@ def _show_note(node: str, message: str) -> None:
 
 
 class Supervisor:
-    """Runs one ``labd serve`` child, restarting it with backoff when it crashes.
+    """Runs one ``labd serve`` child, restarting it with backoff when it crashes (not when
+    it refused its options or config: exit code 2 would come back at every restart).
 
     The child's output (stdout and stderr) is printed here as ``[node] line`` and appended,
     timestamped, to the node's :class:`NodeLog` with the supervisor's notes (started,
@@ -274,15 +275,18 @@ class Supervisor:
     MAX_LINE_BYTES = 8192  # a longer line is relayed in pieces (a child's output is not trusted)
 
     def __init__(self, spec: ServerSpec, engine: str | None, stop: threading.Event,
-                 log: NodeLog, servers_file: Path) -> None:
+                 log: NodeLog, servers_file: Path,
+                 on_gave_up: Callable[[], None] = lambda: None) -> None:
         self.spec = spec
         self.engine = engine
         self.stop = stop
         self.log = log
         self.servers_file = servers_file
+        self.on_gave_up = on_gave_up
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.last_exit: int | None = None  # the exit code of the child's previous run
+        self.gave_up = False  # the child refused its options or config: not restarted
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"labd-lab-up-{spec.node}")
 
@@ -321,6 +325,9 @@ class Supervisor:
                     self.log.note(f"stopped: exit code {describe_exit(code)}")
                     return
                 self.last_exit = code
+                if code == EXIT_USAGE:
+                    self._give_up(code)
+                    return
                 failure = f"exited with {describe_exit(code)}"
             elif self.stop.is_set():
                 return
@@ -333,6 +340,18 @@ class Supervisor:
             if self.stop.wait(backoff):
                 return
             backoff = min(backoff * 2, self.MAX_BACKOFF_S)
+
+    def _give_up(self, code: int) -> None:
+        """The child refused its options or config (the usage exit code): a restart would
+        fail the same way, so it stays stopped, saying so."""
+        config = self.spec.config or self.servers_file
+        message = (f"exited with {code}: `labd serve` refused its options or config (its last "
+                   f"lines above say why); a restart cannot fix that, so it stays stopped. Fix "
+                   f"{config} and run labd lab up again.")
+        self.log.note(message)
+        _show(Text(f"[{self.spec.node}] {message}", style="red"))
+        self.gave_up = True
+        self.on_gave_up()
 
     def _start(self) -> tuple[subprocess.Popen[bytes] | None, str]:
         """Start the child (unless stopping); None and why if it could not start."""
@@ -397,8 +416,15 @@ def up(
     logs = open_node_logs(directory, servers.servers,
                           "--log-dir" if log_dir is not None else servers.log_dir_from)
     stop = threading.Event()
-    supervisors = [Supervisor(spec, servers.engine, stop, logs[spec.node],
-                              servers_file.absolute()) for spec in servers.servers]
+    all_gave_up = threading.Event()
+    supervisors: list[Supervisor] = []
+
+    def gave_up() -> None:
+        if all(supervisor.gave_up for supervisor in supervisors):
+            all_gave_up.set()
+
+    supervisors += [Supervisor(spec, servers.engine, stop, logs[spec.node],
+                               servers_file.absolute(), gave_up) for spec in servers.servers]
     console.print(f"labd lab up: starting {len(supervisors)} server(s): "
                   + ", ".join(f"{s.node} on port {s.port}" for s in servers.servers)
                   + f"; their logs in {directory}. Ctrl+C stops all.", soft_wrap=True)
@@ -407,7 +433,7 @@ def up(
     try:
         from labd.cli.serving import wait_for_interrupt
 
-        wait_for_interrupt()
+        wait_for_interrupt(all_gave_up)
     finally:
         stop.set()
         console.print("stopping every server...")
@@ -423,3 +449,7 @@ def up(
         for log in logs.values():
             log.close()
     console.print("labd lab up: stopped")
+    if all_gave_up.is_set():
+        raise CliError("labd lab up: every server refused its options or config; nothing "
+                       f"left to run (see the messages above and the logs in {directory})",
+                       EXIT_USAGE)
