@@ -268,3 +268,13 @@ def test_a_node_that_does_not_answer_gives_the_errors_of_other_requests(two: Two
         offloader = impatient.server.app.state.labd.offloader
         wait_until(lambda: not any(pool["busy"] for pool in offloader.stats().values()), 10,
                    "the abandoned requests to node a to end")
+
+
+def test_a_server_without_a_lab_refuses_a_node_for_a_new_device() -> None:
+    with running_server() as server:
+        server.daemon.register_plugins(devices={"Fake": FakeDevice})
+        answer = httpx.post(server.url + "/devices", timeout=10, json={
+            "device_id": "probe", "device_type": "Fake", "node": "a"})
+        assert answer.status_code == 400
+        assert "not a node of a lab" in answer.json()["error"]["message"]
+        assert server.daemon.device_ids() == []
