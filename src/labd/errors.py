@@ -57,6 +57,8 @@ __all__ = [
     "UnknownNameError",
     "UnknownTaskError",
     "UnknownTaskTypeError",
+    "UnserializableResult",
+    "unserializable",
 ]
 
 Origin = Literal["framework", "device", "callback", "task"]
@@ -157,6 +159,22 @@ class UnknownLeaseError(UnknownNameError):
 
 class InvalidArgumentError(LabDaemonException, ValueError):
     """Bad input: a duplicate id, a bad plugin class, a malformed ``device_ids``, a bad value."""
+
+
+class UnserializableResult(TypeError):
+    """A value cannot be sent as JSON (HTTP 502 ``UnserializableResult``); see
+    :func:`unserializable`."""
+
+
+def unserializable(what: str, exc: BaseException) -> UnserializableResult:
+    """The error for ``what`` (``"the result of laser.get_handle()"``) that a JSON encoder
+    refused with ``exc``, naming the type it could not encode."""
+    text = str(exc)
+    marker = "Type is not JSON serializable: "
+    name = text.split(marker, 1)[1] if marker in text else (text or type(exc).__name__)
+    return UnserializableResult(
+        f"Cannot send {what} as JSON: it contains a {name} object. Return numbers, strings, "
+        "lists, dicts, NumPy arrays or dataclasses instead.")
 
 
 def utc_now_iso() -> str:

@@ -29,6 +29,8 @@ from labd.errors import (
     DeviceTimeoutError,
     LabDaemonException,
     UnknownDeviceError,
+    UnserializableResult,
+    unserializable,
 )
 from labd.lab import errors as lab_errors
 from labd.lab.coordinator import Coordinator
@@ -50,17 +52,22 @@ T = TypeVar("T")
 
 
 def _default(value: Any) -> Any:
+    # What a server's own JSON accepts (labd.server.encoding), so an answer from another
+    # node is the answer its own server would give.
     tolist = getattr(value, "tolist", None)
     if callable(tolist):
         return tolist()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def dumps(value: Any) -> bytes:
-    """JSON bytes of a request or reply (NumPy arrays as lists)."""
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY, default=_default)
+    """JSON bytes of a request or reply (NumPy arrays as lists, keys as strings)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS,
+                        default=_default)
 
 
 def encode_error(exc: BaseException) -> dict[str, Any]:
@@ -70,10 +77,10 @@ def encode_error(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc), "busy": busy, "context": context}
 
 
-def _error_class(name: str) -> type[LabDaemonException]:
+def _error_class(name: str) -> type[Exception]:
     for module in (lab_errors, core_errors):
         found = getattr(module, name, None)
-        if isinstance(found, type) and issubclass(found, LabDaemonException):
+        if isinstance(found, type) and issubclass(found, LabDaemonException | UnserializableResult):
             return found
     if name == "ParameterValidationError":
         from labd.signatures import ParameterValidationError
@@ -82,11 +89,11 @@ def _error_class(name: str) -> type[LabDaemonException]:
     return DeviceOperationError
 
 
-def decode_error(error: Mapping[str, Any]) -> LabDaemonException:
+def decode_error(error: Mapping[str, Any]) -> Exception:
     """The exception an error reply describes, of the same class where labd has it."""
     cls = _error_class(str(error.get("type", "")))
     message = str(error.get("message", ""))
-    exc: LabDaemonException
+    exc: Exception
     context = error.get("context")
     if issubclass(cls, DeviceBusyError):
         exc = cls(message, list(error.get("busy") or []))
@@ -255,8 +262,13 @@ class RequestWorkers:
                 "deadline and did not run it."))}
         else:
             try:
-                reply = {"ok": True, "result": self._handler(request)}
-                body = dumps(reply)
+                result = self._handler(request)
+                try:
+                    body = dumps({"ok": True, "result": result})
+                except TypeError as exc:  # the answer cannot go as JSON: as a server says it
+                    what = (f"{request.get('device')}.{request.get('method')}()"
+                            if request.get("op") == "call" else f"the {request.get('op')} answer")
+                    raise unserializable(f"the result of {what}", exc) from None
             except (LabDaemonException, TypeError, ValueError) as exc:
                 reply = {"ok": False, "error": encode_error(exc)}
             except Exception as exc:  # the driver's own error: wrapped as the server does

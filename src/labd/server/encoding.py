@@ -15,16 +15,14 @@ from typing import Any
 import numpy as np
 import orjson
 
+from labd.errors import UnserializableResult, unserializable
+
 __all__ = ["LARGE_PAYLOAD_BYTES", "UnserializableResult", "dumps", "dumps_lenient", "looks_large"]
 
 #: Payloads estimated above this size are encoded on a worker thread, not the event loop.
 LARGE_PAYLOAD_BYTES = 256 * 1024
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
-class UnserializableResult(TypeError):
-    """A value cannot be sent as JSON (HTTP 502 ``UnserializableResult``)."""
 
 
 def _default(obj: Any) -> Any:
@@ -42,14 +40,6 @@ def _default(obj: Any) -> Any:
     raise TypeError(type(obj).__name__)
 
 
-def _type_name(exc: BaseException) -> str:
-    text = str(exc)
-    marker = "Type is not JSON serializable: "
-    if marker in text:
-        return text.split(marker, 1)[1]
-    return text or type(exc).__name__
-
-
 def dumps(obj: Any, what: str = "the result") -> bytes:
     """Encode ``obj`` as JSON bytes, or raise :class:`UnserializableResult` naming the bad type.
 
@@ -58,10 +48,7 @@ def dumps(obj: Any, what: str = "the result") -> bytes:
     try:
         return orjson.dumps(obj, default=_default, option=_OPTIONS)
     except orjson.JSONEncodeError as exc:
-        raise UnserializableResult(
-            f"Cannot send {what} as JSON: it contains a {_type_name(exc)} object. Return "
-            "numbers, strings, lists, dicts, NumPy arrays or dataclasses instead."
-        ) from None
+        raise unserializable(what, exc) from None
 
 
 def _lenient_default(obj: Any) -> Any:
