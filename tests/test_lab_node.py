@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -535,6 +536,41 @@ def test_get_tasks_on_any_node_lists_every_nodes_runs(lab: Lab) -> None:
         assert [(t["task_id"], t["node"], t["status"]) for t in tasks] == [
             ("on-b", "b", "running")]
         assert [t["task_id"] for t in a.tasks() if t["node"] == "a"] == []
+    finally:
+        running.cancel()
+        _wait_done(running)
+
+
+def test_the_dashboard_shows_every_nodes_runs_and_opens_another_nodes_run(
+    lab: Lab, tmp_path: Path,
+) -> None:
+    """The history, the running tasks, a run's page and its download on node a include node
+    b's runs, each naming its node (issue 12: the dashboard's history merges the lab's)."""
+    import httpx
+
+    from labd.testing import running_server
+
+    a = lab.node("a", "laser", store=tmp_path / "a.db")
+    b = lab.node("b", "camera", store=tmp_path / "b.db")
+    done = b.daemon.execute_task("sweep-on-b", "Drive", device_ids=["camera"], target="camera")
+    done.cancel()
+    _wait_done(done)
+    running = b.daemon.execute_task("live-on-b", "Drive", device_ids=["camera"], target="camera")
+    a.refresh()
+    try:
+        with running_server(a.daemon) as server, httpx.Client(base_url=server.url,
+                                                               timeout=15) as http:
+            history = http.get("/ui/runs").text
+            assert 'data-run="sweep-on-b"' in history and "<th scope=\"col\">Node</th>" in history
+            assert 'data-label="Node">b</td>' in history
+            tasks = http.get("/ui/tasks").text
+            assert "/ui/runs/live-on-b" in tasks and "on node b" in tasks
+            page = http.get("/ui/runs/sweep-on-b")
+            assert page.status_code == 200, page.text
+            assert '<span data-field="node">b</span>' in page.text
+            download = http.get("/ui/runs/sweep-on-b/download.json")
+            assert download.status_code == 200 and download.json()["task_id"] == "sweep-on-b"
+            assert http.get("/ui/runs/no-such-run").status_code == 404
     finally:
         running.cancel()
         _wait_done(running)

@@ -24,6 +24,7 @@ from labd.server.encoding import dumps_lenient
 from labd.server.models import hide_tracebacks
 from labd.server.routing import render_exception
 from labd.web.render import viewer_of
+from labd.web.views import run_record
 
 __all__ = ["download_hdf5", "download_json", "hdf5_parts"]
 
@@ -55,7 +56,7 @@ def hdf5_parts(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 def _record(request: Request, task_id: str) -> dict[str, Any]:
     ctx: ServerContext = request.app.state.labd
-    record = ctx.daemon.get_run(task_id)
+    record = run_record(ctx, task_id)  # on a node of a lab: any live node's run
     if record.get("error") and not viewer_of(request).is_admin:
         record = {**record, "error": hide_tracebacks(record["error"])}
     return record

@@ -96,7 +96,7 @@ async def new_task(request: Request, task_type: str,
         described = views.task_type(ctx, task_type)
         values: dict[str, Any] = {}
         if again:
-            record = await ctx.run(lambda: ctx.daemon.get_run(again), what="reading a run")
+            record = await ctx.run(lambda: views.run_record(ctx, again), what="reading a run")
             values = dict(record.get("params") or {})
         return page(request, "task_new.html", title=f"New {task_type}", task_type=described,
                     fields=fields_for(described["parameters"], values), again=again)

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import labd
-from labd.errors import UnknownNameError
+from labd.errors import UnknownNameError, UnknownTaskError
 from labd.server.routes_lab import lab_of, merge_devices
 from labd.server.routes_types import describe_type
 from labd.signatures import constructor_signature
@@ -83,7 +83,7 @@ def overview(ctx: ServerContext) -> dict[str, Any]:
     return {
         "devices": lab_devices(ctx, devices),
         "tasks": active_tasks(ctx),
-        "runs": ctx.daemon.runs(limit=_RECENT_RUNS),
+        "runs": history(ctx, None, None, _RECENT_RUNS, 0),
         "health": health(ctx, devices),
     }
 
@@ -95,13 +95,40 @@ def overview_part(ctx: ServerContext, part: str) -> dict[str, Any]:
     if part == "tasks":
         return {"tasks": active_tasks(ctx)}
     if part == "runs":
-        return {"runs": ctx.daemon.runs(limit=_RECENT_RUNS)}
+        return {"runs": history(ctx, None, None, _RECENT_RUNS, 0)}
     return {"health": health(ctx)}
 
 
 def active_tasks(ctx: ServerContext) -> list[dict[str, Any]]:
-    """Unfinished runs (pending, running, paused), oldest first."""
-    return [info for info in ctx.daemon.list_tasks() if info.get("status") in ACTIVE_STATES]
+    """Unfinished runs (pending, running, paused), oldest first; on a node of a lab, every
+    live node's, each with its ``node`` (as ``GET /tasks``)."""
+    node = lab_of(ctx)
+    infos = node.tasks() if node is not None else ctx.daemon.list_tasks()
+    return [info for info in infos if info.get("status") in ACTIVE_STATES]
+
+
+def history(
+    ctx: ServerContext, status: str | None, task_type: str | None, limit: int, offset: int,
+) -> list[dict[str, Any]]:
+    """The run history, newest first; on a node of a lab, every live node's merged, each run
+    with its ``node`` (as ``GET /runs``)."""
+    node = lab_of(ctx)
+    if node is None:
+        return ctx.daemon.runs(status, task_type, None, limit, offset)
+    return node.runs(status, task_type, None, limit, offset)
+
+
+def run_record(ctx: ServerContext, task_id: str) -> dict[str, Any]:
+    """A run's record from this node's history, or on a node of a lab from the live node
+    whose history has it (with its ``node``); :class:`UnknownTaskError` if none has it."""
+    try:
+        return ctx.daemon.get_run(task_id)
+    except UnknownTaskError:
+        node = lab_of(ctx)
+        if node is None:
+            raise
+        where, record = node.find_record(task_id)
+        return {**record, "node": where}
 
 
 def task_types(ctx: ServerContext) -> list[dict[str, Any]]:
@@ -141,9 +168,9 @@ def runs_page(
         store.flush(timeout=2.0)
     needle = text.strip().lower()
     if not needle:
-        rows = daemon.runs(status, task_type, None, limit + 1, offset)
+        rows = history(ctx, status, task_type, limit + 1, offset)
     else:
-        scanned = daemon.runs(status, task_type, None, TEXT_SCAN_LIMIT, 0)
+        scanned = history(ctx, status, task_type, TEXT_SCAN_LIMIT, 0)
         rows = [run for run in scanned if _matches(run, needle)][offset:offset + limit + 1]
     return {"runs": rows[:limit], "next_offset": offset + limit if len(rows) > limit else None,
             "prev_offset": max(offset - limit, 0) if offset > 0 else None}
@@ -154,7 +181,7 @@ def run_page(ctx: ServerContext, task_id: str) -> dict[str, Any]:
     store = ctx.daemon.store
     if store is not None:
         store.flush(timeout=2.0)
-    record = ctx.daemon.get_run(task_id)
+    record = run_record(ctx, task_id)
     events = list(record.get("events") or [])
     data = [e.get("body") for e in events if e.get("kind") == "data"]
     if not data:
