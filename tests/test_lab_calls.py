@@ -4,7 +4,8 @@ one-round-trip answers: :func:`labd.lab.calls.send_call_async`, ``exchange_async
 
 The server awaits a prompt reply on its loop; a slow one (past the first wait) and a large
 one (over ``INLINE_REPLY_BYTES``) go to a thread. The same behaviour through HTTP on every
-engine: the in-process coordinator (which never waits on a loop), and a real redis-server.
+engine: the in-process coordinator and fakeredis (which never wait on a loop), and a real
+redis-server.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 import labd
+import test_lab_node
 from labd.errors import InvalidArgumentError
 from labd.lab import LabNode, LabTimings, LocalCoordinator
 from labd.lab.calls import INLINE_REPLY_BYTES, RequestWorkers, send_call_async
@@ -63,36 +65,15 @@ class Meter:
             raise InvalidArgumentError(f"range must be at most 10 V, got {volts}")
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(params=["local", pytest.param("redis-server", marks=needs_redis_server)])
-def connect(request: pytest.FixtureRequest) -> Iterator[Callable[[], Coordinator]]:
-    """A factory of coordinators on one engine (one per node)."""
-    if request.param == "local":
-        shared = LocalCoordinator()
-        yield lambda: shared
-        shared.close()
-        return
-    from labd.lab.redis_engine import RedisCoordinator
-
-    server: RedisServer = request.getfixturevalue("redis_server")
-    cleaner = RedisCoordinator(server.url)
-    try:
-        cleaner._client.flushall()
-    finally:
-        cleaner.close()
-    yield lambda: RedisCoordinator(server.url)
+# The three engines of test_lab_node (in-process, fakeredis, a real redis-server) for these too.
+connect = test_lab_node.connect
+redis_server = test_lab_node.redis_server
 
 
 class Pair:
     """Node ``a`` (no devices, served over HTTP) and node ``b`` (the meter)."""
 
     def __init__(self, connect: Callable[[], Coordinator]) -> None:
-        self.meter: Meter | None = None
         self.nodes: list[LabNode] = []
         b_daemon = labd.LabDaemon()
         b_daemon.register_plugins(devices={"Meter": Meter})
