@@ -265,3 +265,61 @@ def test_an_unreachable_engine_fails_an_exchange_on_the_loop_with_engine_unavail
         asyncio.run(main())
     finally:
         engine.close()
+
+
+@needs_redis_server
+@pytest.mark.slow
+def test_many_callers_threads_and_a_loop_each_get_their_own_answer_under_thread_switching(
+    redis_server: RedisServer,
+) -> None:
+    """Stress: four workers answer on connections of their own (each reply sent with the
+    next pop) while eight threads and forty loop tasks call at once, with the interpreter
+    switching threads every microsecond: every caller gets exactly its own answer."""
+    import sys
+
+    from labd.lab.calls import send_call
+    from labd.lab.redis_engine import RedisCoordinator
+
+    engine = RedisCoordinator(redis_server.url)
+    workers = RequestWorkers(engine, "dev", lambda request: request["args"], workers=4,
+                             on_engine_error=lambda exc: None)
+    workers.start()
+    wrong: list[Any] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def thread_caller(n: int) -> None:
+        for k in range(100):
+            request = {"op": "call", "device": None, "method": "echo", "args": [n, k]}
+            got = send_call(engine, "dev", f"t{n}", request, 10.0)
+            if got != [n, k]:
+                wrong.append((n, k, got))
+
+    async def loop_callers() -> None:
+        async def slow(job: Callable[[], Any]) -> Any:
+            return await asyncio.to_thread(job)
+
+        async def one(n: int) -> None:
+            for k in range(25):
+                request = {"op": "call", "device": None, "method": "echo", "args": [n, k]}
+                got = await send_call_async(engine, "dev", f"l{n}", request, 10.0, slow,
+                                            lambda result: result)
+                if got != [n, k]:
+                    wrong.append((n, k, got))
+
+        await asyncio.gather(*(one(100 + n) for n in range(40)))
+        await engine.close_async()
+
+    try:
+        threads = [threading.Thread(target=thread_caller, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        asyncio.run(loop_callers())
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        sys.setswitchinterval(interval)
+        workers.close()
+        engine.close()
+    assert wrong == []
