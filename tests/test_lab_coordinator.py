@@ -276,6 +276,18 @@ def test_exchange_async_sends_the_request_and_the_reply_is_never_lost(engine: En
     responder.join(10)
     assert (got or coordinator.pop_reply("k8", 5)) == b"re:ping"
 
+    async def without_waiting() -> tuple[bytes | None, bytes | None]:
+        try:  # no time to wait: a look, never a BLPOP with timeout 0 (forever)
+            missing = await coordinator.exchange_async("nobody", b"one", "k10", 0.0)
+            coordinator.push_reply("k11", b"already here", 60)
+            present = await coordinator.exchange_async("nobody", b"two", "k11", 0.0)
+            return missing, present
+        finally:
+            await coordinator.close_async()
+
+    assert asyncio.run(asyncio.wait_for(without_waiting(), 10)) == (None, b"already here")
+    assert [coordinator.pop_request("nobody", 1) for _ in range(2)] == [b"one", b"two"]
+
 
 # -- streams -----------------------------------------------------------------------------------------
 def test_streams_are_capped_and_read_in_order(engine: Engine) -> None:

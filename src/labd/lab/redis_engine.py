@@ -352,18 +352,21 @@ class RedisCoordinator:
         """See :meth:`Coordinator.exchange_async`: the commands of :meth:`exchange` in one
         round trip on a connection of the loop's own (a test's client: no wait)."""
         link = self._link()
-        wait = min(wait, _BLOCK_SLICE_S)
-        if link is None or wait < 0.001:
+        if link is None:  # a test's in-memory client: nothing to await
             self.push_request(node, payload)
             return self.pop_reply(reply_key, 0.0)
-        key = f"{self.prefix}req:{node}"
+        wait = min(wait, _BLOCK_SLICE_S)
+        key, reply = f"{self.prefix}req:{node}", f"{self.prefix}reply:{reply_key}"
+        # BLPOP's timeout 0 means forever: below a millisecond, look once instead.
+        take: tuple[Arg, ...] = ("BLPOP", reply, wait) if wait >= 0.001 else ("LPOP", reply)
         try:
             answer: Any = (await link.roundtrip(
-                ("RPUSH", key, payload), ("PEXPIRE", key, _REQUEST_LIST_TTL_MS),
-                ("BLPOP", f"{self.prefix}reply:{reply_key}", wait)))[-1]
+                ("RPUSH", key, payload), ("PEXPIRE", key, _REQUEST_LIST_TTL_MS), take))[-1]
         except _REFUSED as exc:
             raise self._unavailable("send a request and wait for its reply", exc) from exc
-        return None if answer is None else bytes(answer[1])
+        if answer is None or isinstance(answer, bytes):
+            return answer
+        return bytes(answer[1])
 
     async def close_async(self) -> None:
         """See :meth:`Coordinator.close_async`."""
