@@ -58,7 +58,6 @@ __all__ = [
     "UnknownTaskError",
     "UnknownTaskTypeError",
     "UnserializableResult",
-    "unserializable",
 ]
 
 Origin = Literal["framework", "device", "callback", "task"]
@@ -163,18 +162,8 @@ class InvalidArgumentError(LabDaemonException, ValueError):
 
 class UnserializableResult(TypeError):
     """A value cannot be sent as JSON (HTTP 502 ``UnserializableResult``); see
-    :func:`unserializable`."""
+    :func:`labd.wire.dumps`."""
 
-
-def unserializable(what: str, exc: BaseException) -> UnserializableResult:
-    """The error for ``what`` (``"the result of laser.get_handle()"``) that a JSON encoder
-    refused with ``exc``, naming the type it could not encode."""
-    text = str(exc)
-    marker = "Type is not JSON serializable: "
-    name = text.split(marker, 1)[1] if marker in text else (text or type(exc).__name__)
-    return UnserializableResult(
-        f"Cannot send {what} as JSON: it contains a {name} object. Return numbers, strings, "
-        "lists, dicts, NumPy arrays or dataclasses instead.")
 
 
 def utc_now_iso() -> str:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import orjson
 
 import labd.errors as core_errors
+from labd import wire
 from labd.errors import (
     DeviceBusyError,
     DeviceOperationError,
@@ -30,7 +31,6 @@ from labd.errors import (
     LabDaemonException,
     UnknownDeviceError,
     UnserializableResult,
-    unserializable,
 )
 from labd.lab import errors as lab_errors
 from labd.lab.coordinator import Coordinator
@@ -51,23 +51,11 @@ INLINE_REPLY_BYTES = 64 * 1024
 T = TypeVar("T")
 
 
-def _default(value: Any) -> Any:
-    # What a server's own JSON accepts (labd.server.encoding), so an answer from another
-    # node is the answer its own server would give.
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    if isinstance(value, set | frozenset):
-        return sorted(value, key=repr)
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
-
-
-def dumps(value: Any) -> bytes:
-    """JSON bytes of a request or reply (NumPy arrays as lists, keys as strings)."""
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS,
-                        default=_default)
+def dumps(value: Any, what: str = "a lab request") -> bytes:
+    """JSON bytes of a request, reply or relayed item: the server's own encoder
+    (:mod:`labd.wire`), so an answer from another node is the one its server would send;
+    :class:`UnserializableResult` naming ``what`` for a value it cannot encode."""
+    return wire.dumps(value, what)
 
 
 def encode_error(exc: BaseException) -> dict[str, Any]:
@@ -113,7 +101,9 @@ def _envelope(request: dict[str, Any], caller: str, timeout: float) -> tuple[str
     """A request's reply key, deadline (epoch seconds) and JSON body."""
     reply_key = f"{caller}:{uuid.uuid4().hex}"
     deadline = time.time() + timeout
-    body = dumps({**request, "reply": reply_key, "deadline": deadline, "from": caller})
+    what = (f"the arguments of {request.get('device')}.{request.get('method')}()"
+            if request.get("op") == "call" else f"the {request.get('op')} request")
+    body = dumps({**request, "reply": reply_key, "deadline": deadline, "from": caller}, what)
     return reply_key, deadline, body
 
 
@@ -263,12 +253,9 @@ class RequestWorkers:
         else:
             try:
                 result = self._handler(request)
-                try:
-                    body = dumps({"ok": True, "result": result})
-                except TypeError as exc:  # the answer cannot go as JSON: as a server says it
-                    what = (f"{request.get('device')}.{request.get('method')}()"
-                            if request.get("op") == "call" else f"the {request.get('op')} answer")
-                    raise unserializable(f"the result of {what}", exc) from None
+                what = (f"{request.get('device')}.{request.get('method')}()"
+                        if request.get("op") == "call" else f"the {request.get('op')} answer")
+                body = dumps({"ok": True, "result": result}, f"the result of {what}")
             except (LabDaemonException, TypeError, ValueError) as exc:
                 reply = {"ok": False, "error": encode_error(exc)}
             except Exception as exc:  # the driver's own error: wrapped as the server does
