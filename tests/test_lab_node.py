@@ -378,6 +378,31 @@ def test_a_device_stream_reaches_subscribers_on_another_node(lab: Lab) -> None:
     wait_until(lambda: not a.stream_stats()["relays"], 10, "node a's relay to end")
 
 
+def test_a_stream_item_that_is_not_json_is_a_gap_and_the_relay_goes_on(lab: Lab) -> None:
+    from labd.testing import FakeStreamer
+
+    a = lab.node("a")
+    a.daemon.register_plugins(devices={"Streamer": FakeStreamer})
+    a.daemon.add_device("daq", "Streamer")
+    a.refresh()
+    b = lab.node("b")
+    _see(b, "daq")
+    sub = b.daemon.subscribe("daq", maxsize=100)
+    try:
+        streamer = a.daemon.device_slot("daq").instance
+        wait_until(lambda: a.stream_stats()["relays"], 5, "the relay to start on node a")
+        streamer.push({"i": 0})
+        streamer.push({"i": 1, "handle": object()})  # a driver object: not JSON
+        streamer.push({"i": 2, "by_channel": {3: 0.5}})
+        got: list[Any] = []
+        wait_until(lambda: got.extend(sub.drain()) or len(got) >= 2, 10, "the items after it")
+        assert [item.payload for item in got] == [{"i": 0}, {"i": 2, "by_channel": {"3": 0.5}}]
+        (relay,) = a.stream_stats()["relays"]
+        assert relay["dropped"] == 1
+    finally:
+        sub.close()
+
+
 # -- run history ---------------------------------------------------------------------------------------
 def test_the_run_history_of_every_node_merged_naming_each_runs_node(lab: Lab) -> None:
     a = lab.node("a", "laser")

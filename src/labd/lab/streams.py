@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from labd.errors import UnserializableResult
 from labd.lab.calls import dumps
 from labd.lab.coordinator import Coordinator, StreamEntry
 from labd.lab.errors import EngineUnavailableError
@@ -56,6 +57,7 @@ class StreamRelay:
         self._coordinator = coordinator
         self._maxlen = maxlen
         self.engine_dropped = 0  # items lost because the engine did not take them
+        self.unencodable = 0  # items that cannot go as JSON (a driver object in a payload)
         self.relayed = 0
         self.readers: dict[str, float] = {}  # reader node -> monotonic expiry of its interest
         self._closed = threading.Event()
@@ -67,8 +69,8 @@ class StreamRelay:
 
     @property
     def dropped(self) -> int:
-        """Items lost before the engine: queue overflow plus engine failures."""
-        return self._sub.dropped + self.engine_dropped
+        """Items lost before the engine: queue overflow, engine failures, items not JSON."""
+        return self._sub.dropped + self.engine_dropped + self.unencodable
 
     def _pump(self) -> None:
         name = self.name
@@ -81,9 +83,18 @@ class StreamRelay:
                 if sub.closed:
                     return
                 continue
-            batch = [first, *sub.drain(RELAY_BATCH - 1)]
-            entries = [StreamEntry("", item.sequence, item.timestamp, dumps(item.payload))
-                       for item in batch]
+            entries = []
+            for item in [first, *sub.drain(RELAY_BATCH - 1)]:
+                try:
+                    entries.append(StreamEntry("", item.sequence, item.timestamp,
+                                               dumps(item.payload, f"an item of {name}")))
+                except UnserializableResult as exc:
+                    # Readers count the gap as a drop; the relay goes on with the next item.
+                    self.unencodable += 1
+                    if self.unencodable == 1:
+                        log.warning("lab: %s; such items are not relayed to other nodes", exc)
+            if not entries:
+                continue
             try:
                 self._coordinator.stream_add(name, entries, self._maxlen)
                 self.relayed += len(entries)
