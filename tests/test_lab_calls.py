@@ -13,22 +13,20 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
-import labd
 import test_lab_node
 from labd.errors import InvalidArgumentError
-from labd.lab import LabNode, LabTimings, LocalCoordinator
+from labd.lab import LabNode
 from labd.lab.calls import INLINE_REPLY_BYTES, RequestWorkers, send_call_async
 from labd.lab.coordinator import Coordinator
 from labd.lab.errors import EngineUnavailableError
 from labd.testing import running_server
 from test_lab_support import RedisServer, free_port, needs_redis_server, wait_until
-
-FAST = LabTimings(directory_ttl=1.0, heartbeat=0.2, claim_ttl=1.0, claim_renew=0.2)
 
 
 class Meter:
@@ -70,41 +68,27 @@ connect = test_lab_node.connect
 redis_server = test_lab_node.redis_server
 
 
+@dataclass
 class Pair:
     """Node ``a`` (no devices, served over HTTP) and node ``b`` (the meter)."""
 
-    def __init__(self, connect: Callable[[], Coordinator]) -> None:
-        self.nodes: list[LabNode] = []
-        b_daemon = labd.LabDaemon()
-        b_daemon.register_plugins(devices={"Meter": Meter})
-        b_daemon.add_device("meter", "Meter")
-        self.b = self._join(b_daemon, connect(), "b")
-        self.a = self._join(labd.LabDaemon(), connect(), "a")
-        wait_until(lambda: self.a.knows("meter"), 5, "node a to see the meter")
-
-    def _join(self, daemon: labd.LabDaemon, coordinator: Coordinator, name: str) -> LabNode:
-        node = LabNode(daemon, coordinator, name, timings=FAST, workers=2,
-                       own_coordinator=not isinstance(coordinator, LocalCoordinator))
-        self.nodes.append(node)
-        node.start()
-        return node
-
-    def device(self) -> Meter:
-        device = self.b.daemon.get_device("meter")
-        assert isinstance(device, Meter)
-        return device
-
-    def close(self) -> None:
-        for node in reversed(self.nodes):
-            node.daemon.shutdown(timeout=2)
-            node.close()
+    a: LabNode
+    b: LabNode
 
 
 @pytest.fixture
 def pair(connect: Callable[[], Coordinator]) -> Iterator[Pair]:
-    instance = Pair(connect)
-    yield instance
-    instance.close()
+    lab = test_lab_node.Lab(connect)
+    try:
+        b = lab.node("b", start=False)
+        b.daemon.register_plugins(devices={"Meter": Meter})
+        b.daemon.add_device("meter", "Meter")
+        b.start()
+        a = lab.node("a")
+        wait_until(lambda: a.knows("meter"), 5, "node a to see the meter")
+        yield Pair(a, b)
+    finally:
+        lab.close()
 
 
 def _call(url: str, method: str, **kwargs: Any) -> httpx.Response:

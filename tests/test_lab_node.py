@@ -347,7 +347,8 @@ def test_a_run_whose_claim_is_lost_cannot_command_its_own_nodes_device(lab: Lab)
 
 
 # -- streams ------------------------------------------------------------------------------------------
-def test_a_device_stream_reaches_subscribers_on_another_node(lab: Lab) -> None:
+def _daq_on_a(lab: Lab) -> tuple[LabNode, LabNode]:
+    """Node a with a FakeStreamer ``daq``, and node b that sees it."""
     from labd.testing import FakeStreamer
 
     a = lab.node("a")
@@ -356,6 +357,11 @@ def test_a_device_stream_reaches_subscribers_on_another_node(lab: Lab) -> None:
     a.refresh()
     b = lab.node("b")
     _see(b, "daq")
+    return a, b
+
+
+def test_a_device_stream_reaches_subscribers_on_another_node(lab: Lab) -> None:
+    a, b = _daq_on_a(lab)
     first = b.daemon.subscribe("daq", maxsize=1000)
     second = b.daemon.subscribe("daq", maxsize=1000)
     try:
@@ -379,14 +385,7 @@ def test_a_device_stream_reaches_subscribers_on_another_node(lab: Lab) -> None:
 
 
 def test_a_stream_item_that_is_not_json_is_a_gap_and_the_relay_goes_on(lab: Lab) -> None:
-    from labd.testing import FakeStreamer
-
-    a = lab.node("a")
-    a.daemon.register_plugins(devices={"Streamer": FakeStreamer})
-    a.daemon.add_device("daq", "Streamer")
-    a.refresh()
-    b = lab.node("b")
-    _see(b, "daq")
+    a, b = _daq_on_a(lab)
     sub = b.daemon.subscribe("daq", maxsize=100)
     try:
         streamer = a.daemon.device_slot("daq").instance
@@ -421,14 +420,7 @@ def test_the_run_history_of_every_node_merged_naming_each_runs_node(lab: Lab) ->
 
 
 def test_a_stream_stopped_on_its_node_ends_for_subscribers_elsewhere(lab: Lab) -> None:
-    from labd.testing import FakeStreamer
-
-    a = lab.node("a")
-    a.daemon.register_plugins(devices={"Streamer": FakeStreamer})
-    a.daemon.add_device("daq", "Streamer")
-    a.refresh()
-    b = lab.node("b")
-    _see(b, "daq")
+    a, b = _daq_on_a(lab)
     sub = b.daemon.subscribe("daq", maxsize=100)
     try:
         streamer = a.daemon.device_slot("daq").instance
